@@ -1,0 +1,39 @@
+# All set-up goes through here: `make train` and `make test` work on a fresh machine.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+WORKDIR ?= runs/small
+
+.PHONY: install train test test-fast lint format clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Train the default `small` MoE on the embedded corpus, then evaluate and sample from it.
+train: install
+	$(BIN)/sparsemodel train --config small --workdir $(WORKDIR)
+	$(BIN)/sparsemodel eval --workdir $(WORKDIR)
+	$(BIN)/sparsemodel generate --workdir $(WORKDIR) --prompt 'def main(' --max-new-tokens 200
+
+test: install
+	$(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m 'not slow'
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
