@@ -1,0 +1,411 @@
+"""Typed, frozen configuration: presets are data files, overrides are `key=value` strings.
+
+Every check that can fail on user input runs here, before JAX compiles anything, and
+raises `ConfigError` whose message is one line naming the key and the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key and the reason."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    d_ff: int = 1024  # width of dense SwiGLU MLPs
+    vocab_size: int = 256
+    share_layers: int = 0  # g > 0: g unique blocks reused cyclically through the depth
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    num_experts: int = 0  # 0 = dense model
+    top_k: int = 2
+    d_expert: int = 512  # width of each routed expert (and of each shared expert)
+    num_shared: int = 0  # always-on shared experts, fused into one MLP of num_shared*d_expert
+    every: int = 1  # every n-th layer (after first_dense) is an MoE layer
+    first_dense: int = 0  # the first k layers are dense
+    router: Literal["topk", "expert_choice"] = "topk"
+    dispatch: Literal["dropless", "capacity"] = "dropless"
+    grouped_matmul: Literal["auto", "blocks", "ragged_dot"] = "auto"
+    block_size: int = 128  # rows per block of the CPU grouped matmul
+    capacity_factor: float = 1.25
+    renormalize: bool = True  # renormalise top-k weights to sum 1 (k > 1 only)
+    jitter: float = 0.0  # multiplicative router-input noise U(1-eps, 1+eps) in training
+    lb_coef: float = 0.01
+    z_coef: float = 1e-3
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: Literal["none", "full", "dots"] = "none"
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    eval_every: int = 200
+    eval_batches: int = 8
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "stdlib"  # "stdlib", a text file, a directory of text files, or .npy/.bin
+    val_fraction: float = 0.05  # share of files (by path hash) held out for validation
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1: all devices not used by the other axes
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe.num_experts > 0
+
+    def layer_kinds(self) -> list[str]:
+        """'dense' or 'moe' for each layer, from `moe.first_dense` and `moe.every`."""
+        kinds = []
+        for i in range(self.model.n_layers):
+            j = i - self.moe.first_dense
+            is_moe = self.is_moe and j >= 0 and (j + 1) % self.moe.every == 0
+            kinds.append("moe" if is_moe else "dense")
+        return kinds
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def replace(self, overrides: dict[str, Any]) -> Config:
+        return from_dict(_merge(self.to_dict(), _nest(overrides)))
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load(name_or_path: str | Path = "small", overrides: dict[str, Any] | None = None) -> Config:
+    """Loads a preset name (`tiny`, `small`, ...) or a YAML/TOML file, then applies overrides.
+
+    Override values may be typed (`{"moe.num_experts": 4}`) or strings from the command
+    line (`"4"`); strings are parsed as YAML scalars and then type-checked.
+    """
+    data = read_file(_resolve(name_or_path))
+    data = _merge(data, _nest(overrides or {}))
+    return from_dict(data)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """['moe.top_k=1', ...] -> {'moe.top_k': '1'}; the value is type-checked later."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected key=value, e.g. moe.top_k=2")
+        out[key.strip()] = value
+    return out
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    """Parses YAML or TOML as plain data: YAML tags for Python objects are refused."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path}: cannot read ({e})") from None
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
+        reason = str(e).splitlines()[0]
+        raise ConfigError(f"config file {path}: not valid YAML/TOML ({reason})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections, got {data!r:.60}")
+    return data
+
+
+def dump(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _resolve(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml", ".toml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"--config {name_or_path}: no such file")
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        raise ConfigError(
+            f"--config {name_or_path}: not a file and not a preset ({', '.join(preset_names())})"
+        )
+    return preset
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """{'moe.top_k': 1} -> {'moe': {'top_k': 1}}."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        section, dot, name = key.partition(".")
+        if not dot or not name or "." in name:
+            raise ConfigError(f"{key}: keys are section.name, e.g. moe.top_k")
+        nested.setdefault(section, {})[name] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in update.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a section (mapping), got {values!r:.60}")
+        out.setdefault(section, {})
+        if not isinstance(out[section], dict):
+            raise ConfigError(f"{section}: expected a section (mapping)")
+        out[section].update(values)
+    return out
+
+
+# ------------------------------------------------------------------ typing and checks
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Builds a validated Config from nested plain data."""
+    sections = {}
+    for f in dataclasses.fields(Config):
+        cls = f.type if isinstance(f.type, type) else _SECTIONS[f.name]
+        values = data.get(f.name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{f.name}: expected a section (mapping), got {values!r:.60}")
+        sections[f.name] = _build_section(f.name, cls, values)
+    unknown = set(data) - set(sections)
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown config section ({', '.join(_SECTIONS)})")
+    cfg = Config(**sections)
+    validate(cfg)
+    return cfg
+
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "moe": MoEConfig,
+    "train": TrainConfig,
+    "data": DataConfig,
+    "mesh": MeshConfig,
+}
+
+
+def _build_section(section: str, cls: type, values: dict[str, Any]):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        if name not in hints:
+            raise ConfigError(f"{section}.{name}: unknown key")
+        kwargs[name] = _coerce(f"{section}.{name}", value, hints[name])
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Checks (and for command-line strings, parses) one value against its declared type."""
+    if isinstance(value, str) and hint is not str and typing.get_origin(hint) is not Literal:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            pass
+    if typing.get_origin(hint) is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if isinstance(hint, types.UnionType):  # pragma: no cover - no such fields yet
+        return value
+    raise TypeError(f"{key}: unsupported field type {hint}")
+
+
+def _need(ok: bool, key: str, reason: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {reason}")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; the mesh against the device count is checked in sharding.py."""
+    m, e, t, d, mesh = cfg.model, cfg.moe, cfg.train, cfg.data, cfg.mesh
+    for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab_size"):
+        _need(getattr(m, key) > 0, f"model.{key}", f"must be positive, got {getattr(m, key)}")
+    _need(
+        m.d_model % m.n_heads == 0,
+        "model.d_model",
+        f"{m.d_model} is not divisible by model.n_heads={m.n_heads}",
+    )
+    _need(
+        (m.d_model // m.n_heads) % 2 == 0,
+        "model.d_model",
+        f"head size {m.d_model // m.n_heads} must be even for rotary embeddings",
+    )
+    _need(
+        m.n_heads % m.n_kv_heads == 0,
+        "model.n_heads",
+        f"{m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}",
+    )
+    _need(m.norm_eps > 0, "model.norm_eps", "must be positive")
+    _need(m.init_std > 0, "model.init_std", "must be positive")
+    _need(m.rope_theta > 0, "model.rope_theta", "must be positive")
+
+    _need(e.num_experts >= 0, "moe.num_experts", f"must be >= 0 (0 = dense), got {e.num_experts}")
+    if e.num_experts > 0:
+        _need(e.top_k >= 1, "moe.top_k", f"must be >= 1, got {e.top_k}")
+        _need(
+            e.top_k <= e.num_experts,
+            "moe.top_k",
+            f"{e.top_k} exceeds moe.num_experts={e.num_experts}",
+        )
+        _need(e.d_expert > 0, "moe.d_expert", f"must be positive, got {e.d_expert}")
+        _need(e.num_shared >= 0, "moe.num_shared", f"must be >= 0, got {e.num_shared}")
+        _need(e.every >= 1, "moe.every", f"must be >= 1, got {e.every}")
+        _need(
+            0 <= e.first_dense < m.n_layers,
+            "moe.first_dense",
+            f"must be in [0, model.n_layers={m.n_layers}), got {e.first_dense}",
+        )
+        _need(
+            (m.n_layers - e.first_dense) % e.every == 0,
+            "moe.every",
+            f"model.n_layers - moe.first_dense = {m.n_layers - e.first_dense} "
+            f"is not a multiple of {e.every}",
+        )
+        _need(
+            e.capacity_factor > 0,
+            "moe.capacity_factor",
+            f"must be positive, got {e.capacity_factor}",
+        )
+        _need(e.block_size >= 1, "moe.block_size", f"must be >= 1, got {e.block_size}")
+        _need(0 <= e.jitter < 1, "moe.jitter", f"must be in [0, 1), got {e.jitter}")
+        _need(e.lb_coef >= 0, "moe.lb_coef", f"must be >= 0, got {e.lb_coef}")
+        _need(e.z_coef >= 0, "moe.z_coef", f"must be >= 0, got {e.z_coef}")
+    if m.share_layers:
+        g = m.share_layers
+        period = e.every if cfg.is_moe else 1
+        _need(g > 0, "model.share_layers", f"must be >= 0 (0 = no sharing), got {g}")
+        _need(
+            m.n_layers % g == 0,
+            "model.share_layers",
+            f"model.n_layers={m.n_layers} is not a multiple of {g}",
+        )
+        _need(g % period == 0, "model.share_layers", f"{g} is not a multiple of moe.every={period}")
+        _need(
+            not cfg.is_moe or e.first_dense == 0,
+            "model.share_layers",
+            "cannot be combined with moe.first_dense > 0",
+        )
+
+    for key in (
+        "steps",
+        "batch_size",
+        "grad_accum",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "eval_every",
+        "eval_batches",
+    ):
+        _need(getattr(t, key) > 0, f"train.{key}", f"must be positive, got {getattr(t, key)}")
+    _need(t.seq_len >= 2, "train.seq_len", f"must be >= 2, got {t.seq_len}")
+    _need(t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
+    _need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+    _need(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    _need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _need(0 <= t.beta1 < 1, "train.beta1", "must be in [0, 1)")
+    _need(0 <= t.beta2 < 1, "train.beta2", "must be in [0, 1)")
+    _need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = no clipping)")
+    _need(
+        t.batch_size % t.grad_accum == 0,
+        "train.batch_size",
+        f"{t.batch_size} is not divisible by train.grad_accum={t.grad_accum}",
+    )
+
+    _need(bool(d.source), "data.source", "must not be empty")
+    _need(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+
+    for key in ("data", "fsdp", "expert", "tensor"):
+        size = getattr(mesh, key)
+        _need(size == -1 or size >= 1, f"mesh.{key}", f"must be >= 1 or -1 (fill), got {size}")
+    fills = [k for k in ("data", "fsdp", "expert", "tensor") if getattr(mesh, k) == -1]
+    _need(len(fills) <= 1, f"mesh.{fills[-1] if fills else 'data'}", "only one axis may be -1")
+    if cfg.is_moe and mesh.expert > 1:
+        _need(
+            e.num_experts % mesh.expert == 0,
+            "mesh.expert",
+            f"moe.num_experts={e.num_experts} is not divisible by {mesh.expert}",
+        )
+    if mesh.tensor > 1:
+        _need(
+            m.n_kv_heads % mesh.tensor == 0,
+            "mesh.tensor",
+            f"model.n_kv_heads={m.n_kv_heads} is not divisible by {mesh.tensor}",
+        )

@@ -1,0 +1,136 @@
+"""Transformer building blocks: RMSNorm, rotary embedding, attention with a KV cache, SwiGLU.
+
+Modules hold only `nnx.Param`s, each annotated with logical axis names (see sharding.py);
+randomness (router jitter) arrives as explicit keys, so a stack of blocks can run under a
+plain `jax.lax.scan`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsemodel.config import Config
+
+
+def param(
+    rngs: nnx.Rngs,
+    shape: tuple[int, ...],
+    axes: tuple[str | None, ...],
+    std: float | None = None,
+    value: float | None = None,
+) -> nnx.Param:
+    """A float32 parameter with logical axis names; normal(std) or constant(value)."""
+    assert len(shape) == len(axes), (shape, axes)
+    if value is not None:
+        x = jnp.full(shape, value, jnp.float32)
+    else:
+        x = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    # eager_sharding=False: shardings come from our own rules table, applied by sharding.py.
+    return nnx.Param(x, sharding_names=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs):
+        self.scale = param(rngs, (dim,), ("embed",), value=1.0)
+        self.eps = eps
+
+    def __call__(self, x):
+        # Normalise in float32 whatever the compute dtype: bf16 variance loses precision.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.scale[...]).astype(x.dtype)
+
+
+def rope(x, positions, theta: float):
+    """Rotary embedding (rotate-half form). x [B, T, H, Dh], positions [B, T]."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [Dh/2]
+    angles = positions[..., None].astype(jnp.float32) * freqs  # [B, T, Dh/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]  # [B, T, 1, Dh/2]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of one attention layer for positions [0, S_max)."""
+
+    k: jax.Array  # [B, S_max, Hkv, Dh]
+    v: jax.Array  # [B, S_max, Hkv, Dh]
+
+
+class Attention(nnx.Module):
+    """Causal multi-head attention with grouped-query heads (n_kv_heads divides n_heads)."""
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        m = cfg.model
+        self.n_heads, self.n_kv, self.d_head = m.n_heads, m.n_kv_heads, m.d_model // m.n_heads
+        self.theta = m.rope_theta
+        std, out_std = m.init_std, m.init_std / (2 * m.n_layers) ** 0.5
+        self.wq = param(rngs, (m.d_model, self.n_heads, self.d_head), ("embed", "heads", "kv"), std)
+        self.wk = param(rngs, (m.d_model, self.n_kv, self.d_head), ("embed", "heads", "kv"), std)
+        self.wv = param(rngs, (m.d_model, self.n_kv, self.d_head), ("embed", "heads", "kv"), std)
+        self.wo = param(
+            rngs, (self.n_heads, self.d_head, m.d_model), ("heads", "kv", "embed"), out_std
+        )
+
+    def __call__(self, x, positions, cache: KVCache | None = None):
+        """x [B, T, D], positions [B, T] -> ([B, T, D], updated cache or None).
+
+        Without a cache, token t attends to tokens <= t of the same call. With a cache
+        (decoding), this call's keys are written at `positions` and each query attends to
+        cached positions <= its own.
+        """
+        dtype = x.dtype
+        with jax.named_scope("attention"):
+            q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dtype))  # [B, T, H, Dh]
+            k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dtype))  # [B, T, Hkv, Dh]
+            v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dtype))  # [B, T, Hkv, Dh]
+            q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
+            if cache is None:
+                key_pos = positions  # [B, S=T]
+            else:
+                batch = jnp.arange(x.shape[0])[:, None]
+                cache = KVCache(
+                    cache.k.at[batch, positions].set(k.astype(cache.k.dtype)),
+                    cache.v.at[batch, positions].set(v.astype(cache.v.dtype)),
+                )
+                k, v = cache.k.astype(dtype), cache.v.astype(dtype)
+                key_pos = jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2])  # [B, S_max]
+            out = attend(q, k, v, positions, key_pos)
+            y = jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype))  # [B, T, D]
+        return y, cache
+
+
+def attend(q, k, v, q_pos, k_pos):
+    """Causal softmax attention by position. q [B,T,H,Dh], k/v [B,S,Hkv,Dh] -> [B,T,H,Dh]."""
+    b, t, h, dh = q.shape
+    n_kv = k.shape[2]
+    q = q.reshape(b, t, n_kv, h // n_kv, dh)  # [B, T, Hkv, G, Dh]
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(dh)
+    mask = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
+    scores = jnp.where(mask[:, None, None], scores, -1e30)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [B, T, Hkv, G, Dh]
+    return out.reshape(b, t, h, dh)
+
+
+class MLP(nnx.Module):
+    """SwiGLU MLP on flattened tokens (a [B*T, D] matmul trains faster than [B, T, D] on CPU)."""
+
+    def __init__(self, d_model: int, d_ff: int, cfg: Config, *, rngs: nnx.Rngs):
+        std, out_std = cfg.model.init_std, cfg.model.init_std / (2 * cfg.model.n_layers) ** 0.5
+        self.w_gate = param(rngs, (d_model, d_ff), ("embed", "mlp"), std)
+        self.w_up = param(rngs, (d_model, d_ff), ("embed", "mlp"), std)
+        self.w_down = param(rngs, (d_ff, d_model), ("mlp", "embed"), out_std)
+
+    def __call__(self, x_nd):
+        dtype = x_nd.dtype
+        h = jax.nn.silu(x_nd @ self.w_gate[...].astype(dtype)) * (
+            x_nd @ self.w_up[...].astype(dtype)
+        )
+        return h @ self.w_down[...].astype(dtype)  # [N, D]
