@@ -6,6 +6,7 @@ raises `ConfigError` whose message is one line naming the key and the reason.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import tomllib
@@ -159,10 +160,7 @@ def read_file(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path}: cannot read ({e})") from None
     try:
-        if path.suffix == ".toml":
-            data = tomllib.loads(text)
-        else:
-            data = yaml.safe_load(text)
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
         reason = str(e).splitlines()[0]
         raise ConfigError(f"config file {path}: not valid YAML/TOML ({reason})") from None
@@ -256,10 +254,8 @@ def _build_section(section: str, cls: type, values: dict[str, Any]):
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Checks (and for command-line strings, parses) one value against its declared type."""
     if isinstance(value, str) and hint is not str and typing.get_origin(hint) is not Literal:
-        try:
+        with contextlib.suppress(yaml.YAMLError):
             value = yaml.safe_load(value)
-        except yaml.YAMLError:
-            pass
     if typing.get_origin(hint) is Literal:
         allowed = typing.get_args(hint)
         if value not in allowed:
