@@ -405,3 +405,34 @@ def validate(cfg: Config) -> None:
             "mesh.tensor",
             f"model.n_kv_heads={m.n_kv_heads} is not divisible by {mesh.tensor}",
         )
+
+
+# Fields that change parameter shapes: a checkpoint cannot be resumed or evaluated with
+# a config that differs in any of them.
+SHAPE_FIELDS = (
+    "model.d_model",
+    "model.n_layers",
+    "model.n_heads",
+    "model.n_kv_heads",
+    "model.d_ff",
+    "model.vocab_size",
+    "model.share_layers",
+    "model.tie_embeddings",
+    "moe.num_experts",
+    "moe.d_expert",
+    "moe.num_shared",
+    "moe.every",
+    "moe.first_dense",
+)
+
+
+def check_same_shapes(stored: Config, new: Config) -> None:
+    """Raises ConfigError naming the first shape field where `new` differs from `stored`."""
+    for key in SHAPE_FIELDS:
+        section, name = key.split(".")
+        old_v, new_v = getattr(getattr(stored, section), name), getattr(getattr(new, section), name)
+        if old_v != new_v:
+            raise ConfigError(
+                f"{key}: {new_v} differs from the checkpointed model's {old_v} "
+                "(use a new --workdir, or the workdir's config.yaml)"
+            )

@@ -1,0 +1,151 @@
+"""`sparsemodel` command: thin argument parsing over the library.
+
+Every user error surfaces as one line `sparsemodel: error: ...` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparsemodel", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def distributed(sp):
+        g = sp.add_argument_group("multi-process (arguments of jax.distributed.initialize)")
+        g.add_argument("--coordinator-address", metavar="HOST:PORT")
+        g.add_argument("--num-processes", type=int)
+        g.add_argument("--process-id", type=int)
+
+    t = sub.add_parser("train", help="train (resumes from the newest checkpoint in --workdir)")
+    t.add_argument("--config", help="preset name (tiny, small, small-dense) or a YAML/TOML file")
+    t.add_argument("--workdir", default=None, help="default: runs/<config name>")
+    t.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys, e.g. moe.top_k=1",
+    )
+    t.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="STEPS",
+        help="stop (with a checkpoint) after this many steps of this invocation",
+    )
+    distributed(t)
+
+    e = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint")
+    e.add_argument("--workdir", required=True)
+    e.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+    e.add_argument("--data", help="a text file or directory (default: the validation split)")
+    e.add_argument("--max-tokens", type=int, default=262_144, help="0 = all of the data")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    distributed(e)
+
+    g = sub.add_parser("generate", help="sample text from a checkpoint with a KV cache")
+    g.add_argument("--workdir", required=True)
+    g.add_argument("--step", type=int)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0 = no limit")
+    g.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _init_distributed(args) -> None:
+    if args.num_processes is None and args.coordinator_address is None:
+        return
+    import jax
+
+    if args.num_processes is None or args.process_id is None or not args.coordinator_address:
+        raise _UsageError("--coordinator-address, --num-processes and --process-id go together")
+    if not 0 <= args.process_id < args.num_processes:
+        raise _UsageError(f"--process-id {args.process_id}: must be in [0, {args.num_processes})")
+    # On CPU, cross-process collectives need an implementation: gloo ships with jaxlib.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+
+
+class _UsageError(ValueError):
+    pass
+
+
+def _train(args) -> int:
+    from sparsemodel import config, train
+
+    overrides = config.parse_overrides(args.overrides)
+    name = args.config
+    workdir = Path(args.workdir) if args.workdir else None
+    if name is None and workdir is not None and (workdir / "config.yaml").is_file():
+        name = workdir / "config.yaml"  # resume with the workdir's own config
+    name = name or "small"
+    cfg = config.load(name, overrides)
+    if workdir is None:
+        workdir = Path("runs") / Path(str(name)).stem
+    _init_distributed(args)
+    result = train.run(cfg, workdir, stop_after=args.stop_after)
+    val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+    print(
+        f"trained to step {result.step} in {result.wall_s:.0f}s: train loss "
+        f"{result.train_loss:.4f}, validation loss {val}, "
+        f"{result.tokens_per_s:,.0f} tokens/s; workdir {workdir}"
+    )
+    return 0
+
+
+def _eval(args) -> int:
+    from sparsemodel import evaluate
+
+    _init_distributed(args)
+    r = evaluate.restore(args.workdir, args.step)
+    res = evaluate.evaluate(r, args.data, max_tokens=args.max_tokens or None)
+    if args.json:
+        print(json.dumps(res.as_dict()))
+    else:
+        print(
+            f"step {res.step} on {res.source}: loss {res.loss:.4f} nats/token, perplexity "
+            f"{res.perplexity:.3f}, {res.bits_per_byte:.4f} bits/byte, {res.tokens:,} tokens"
+        )
+    return 0
+
+
+def _generate(args) -> int:
+    from sparsemodel import evaluate
+
+    if not args.prompt:
+        raise _UsageError("--prompt: must not be empty")
+    r = evaluate.restore(args.workdir, args.step)
+    text = evaluate.generate(
+        r, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed
+    )
+    print(args.prompt + text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from sparsemodel.checkpoint import CheckpointError
+    from sparsemodel.config import ConfigError
+    from sparsemodel.data import DataError
+    from sparsemodel.train import TrainingError
+
+    try:
+        return {"train": _train, "eval": _eval, "generate": _generate}[args.command](args)
+    except (ConfigError, DataError, CheckpointError, _UsageError) as e:
+        print(f"sparsemodel: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"sparsemodel: training stopped: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Corpus -> byte tokens -> a grain pipeline of fixed-length windows.
+
+Sources (`data.source`):
+  stdlib       the running interpreter's standard-library `.py` files (~30 MB of real text,
+               in every Python install, so nothing is downloaded)
+  a directory  every regular file under it (bytes: any encoding works)
+  a text file  any file; the last `data.val_fraction` of it is the validation split
+  .npy / .bin  a pre-tokenized array (.bin: raw uint16, the nanoGPT convention)
+
+Directories (and stdlib) split train/validation by a hash of each file's relative path, so
+the split is the same on every machine and does not move when files are added.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import grain
+import numpy as np
+
+
+class DataError(ValueError):
+    """Bad data source; the message is one line naming the source and the reason."""
+
+
+@dataclass(frozen=True)
+class Corpus:
+    train: np.ndarray  # [N] token ids
+    val: np.ndarray  # [M] token ids
+    description: str
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def load_corpus(source: str, val_fraction: float) -> Corpus:
+    """Reads a source into train/validation token arrays (cached per process)."""
+    return _load_corpus(source, val_fraction)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_corpus(source: str, val_fraction: float) -> Corpus:
+    if source == "stdlib":
+        root = stdlib_root()
+        files = [p for p in root.rglob("*.py") if "site-packages" not in p.parts]
+        train, val = _split_files(root, files, val_fraction)
+        return Corpus(train, val, f"stdlib .py files of {root} ({len(files)} files)")
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"data.source: {source} does not exist")
+    if path.is_dir():
+        files = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        if not files:
+            raise DataError(f"data.source: directory {source} holds no files")
+        train, val = _split_files(path, files, val_fraction)
+        if len(val) == 0 or len(train) == 0:  # too few files for a split by file: split bytes
+            train, val = _split_tail(np.concatenate([train, val]), val_fraction)
+        return Corpus(train, val, f"{source} ({len(files)} files)")
+    tokens = read_tokens(path)
+    train, val = _split_tail(tokens, val_fraction)
+    return Corpus(train, val, f"{source}")
+
+
+def read_tokens(path: Path) -> np.ndarray:
+    """One file as token ids: .npy / .bin arrays as stored, anything else as bytes."""
+    try:
+        if path.suffix == ".npy":
+            tokens = np.load(path, allow_pickle=False).reshape(-1)
+            if not np.issubdtype(tokens.dtype, np.integer):
+                raise DataError(f"data.source: {path} holds {tokens.dtype}, not integer tokens")
+        elif path.suffix == ".bin":
+            tokens = np.fromfile(path, dtype=np.uint16)
+        else:
+            tokens = np.frombuffer(path.read_bytes(), dtype=np.uint8)
+    except (OSError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"data.source: cannot read {path} ({e})") from None
+    if tokens.size == 0:
+        raise DataError(f"data.source: {path} is empty")
+    return tokens
+
+
+def _split_files(root: Path, files: list[Path], val_fraction: float):
+    train, val = [], []
+    for p in sorted(files):
+        digest = hashlib.sha256(str(p.relative_to(root)).encode()).digest()
+        is_val = int.from_bytes(digest[:8], "little") / 2**64 < val_fraction
+        (val if is_val else train).append(np.frombuffer(p.read_bytes(), dtype=np.uint8))
+    join = lambda parts: np.concatenate(parts) if parts else np.zeros((0,), np.uint8)
+    return join(train), join(val)
+
+
+def _split_tail(tokens: np.ndarray, val_fraction: float):
+    n_val = max(1, int(len(tokens) * val_fraction))
+    return tokens[:-n_val], tokens[-n_val:]
+
+
+def byte_unigram_entropy(tokens: np.ndarray) -> float:
+    """Entropy in nats of the unigram distribution: the loss a model with no context gets."""
+    counts = np.bincount(tokens.astype(np.int64))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+# ------------------------------------------------------------------------- pipeline
+
+
+def num_windows(tokens: np.ndarray, seq_len: int) -> int:
+    """Non-overlapping windows of seq_len+1 tokens (inputs and shifted targets)."""
+    return max(0, (len(tokens) - 1) // seq_len)
+
+
+def check_length(tokens: np.ndarray, seq_len: int, need: int, split: str, source: str) -> None:
+    if num_windows(tokens, seq_len) < need:
+        raise DataError(
+            f"data.source: the {split} split of {source} has {len(tokens)} tokens, too few for "
+            f"{need} window(s) of train.seq_len={seq_len}"
+        )
+
+
+def windows(tokens: np.ndarray, seq_len: int) -> grain.MapDataset:
+    """MapDataset: index i -> int32 window tokens[i*S : i*S + S + 1]."""
+    n = num_windows(tokens, seq_len)
+    return grain.MapDataset.range(n).map(
+        lambda i: tokens[i * seq_len : i * seq_len + seq_len + 1].astype(np.int32)
+    )
+
+
+def train_iterator(
+    tokens: np.ndarray,
+    seq_len: int,
+    global_batch: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.DatasetIterator:
+    """Endless seeded-shuffle batches of this process's share of the global batch.
+
+    Each epoch is a fresh permutation of the windows. Process p takes every P-th window,
+    so the P processes together see exactly the windows of a single-process run. The
+    iterator's `get_state()` goes into checkpoints so a resumed run neither replays nor
+    skips data.
+    """
+    ds = windows(tokens, seq_len).shuffle(seed=seed).repeat()
+    ds = ds[process_index::process_count]
+    return iter(ds.batch(global_batch // process_count, drop_remainder=True))
+
+
+def eval_batches(
+    tokens: np.ndarray,
+    seq_len: int,
+    global_batch: int,
+    max_batches: int | None,
+    process_index: int = 0,
+    process_count: int = 1,
+):
+    """Deterministic validation batches [b, S+1], spread evenly over the split.
+
+    Yields at most `max_batches` global batches (None: the whole split); the last partial
+    batch is dropped so every process runs the same number of steps.
+    """
+    n = num_windows(tokens, seq_len)
+    n_batches = n // global_batch
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    if n_batches == 0:
+        return
+    # Evenly spaced windows cover the whole split, not just its first files.
+    chosen = np.linspace(0, n - 1, n_batches * global_batch).astype(np.int64)
+    ds = windows(tokens, seq_len)
+    per_process = global_batch // process_count
+    for b in range(n_batches):
+        idx = chosen[b * global_batch : (b + 1) * global_batch][process_index::process_count]
+        yield np.stack([ds[int(i)] for i in idx[:per_process]])

@@ -1,0 +1,181 @@
+"""Evaluation and sampling from a workdir's checkpoint.
+
+Both restore parameters only (no optimizer state) onto whatever devices are present: the
+restore target carries shardings for a fresh all-data mesh, whatever mesh trained it.
+The model config always comes from the workdir's config.yaml.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sparsemodel import config as config_lib
+from sparsemodel import data as data_lib
+from sparsemodel import sharding
+from sparsemodel.checkpoint import Checkpointer, CheckpointError
+from sparsemodel.config import Config, ConfigError, MeshConfig
+from sparsemodel.params import abstract_params
+from sparsemodel.tokenizer import ByteTokenizer
+from sparsemodel.train import evaluate_batches, make_eval_step
+
+
+@dataclass
+class Restored:
+    cfg: Config
+    step: int
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    mesh: jax.sharding.Mesh
+
+    def model(self):
+        return nnx.merge(self.graphdef, self.params)
+
+
+def restore(workdir: str | Path, step: int | None = None) -> Restored:
+    """Loads config.yaml and the parameters of checkpoint `step` (default: the newest)."""
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise ConfigError(f"--workdir {workdir}: not a directory")
+    if not (workdir / "config.yaml").is_file():
+        raise ConfigError(f"--workdir {workdir}: no config.yaml (not a sparsemodel workdir)")
+    cfg = config_lib.load(workdir / "config.yaml").replace(
+        {"mesh.data": -1, "mesh.fsdp": 1, "mesh.expert": 1, "mesh.tensor": 1}
+    )
+    ckpt = Checkpointer(workdir, async_save=False)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"--workdir {workdir}: holds no checkpoint yet")
+    mesh = sharding.make_mesh(MeshConfig())
+    graphdef, target = abstract_params(cfg, mesh)
+    params, _, _ = ckpt.restore(step, target)
+    ckpt.close()
+    return Restored(cfg, step, graphdef, params, mesh)
+
+
+@dataclass
+class EvalResult:
+    loss: float  # nats per token
+    perplexity: float
+    bits_per_byte: float
+    tokens: int
+    step: int
+    source: str
+
+    def as_dict(self):
+        return dict(self.__dict__)
+
+
+def evaluate(
+    r: Restored,
+    source: str | None = None,
+    max_tokens: int | None = 262_144,
+    batch_size: int | None = None,
+) -> EvalResult:
+    """Loss on the held-out split of the training source, or on all of `source`.
+
+    At most `max_tokens` tokens (None: everything), in windows spread evenly over the text.
+    """
+    t = r.cfg.train
+    if source is None:
+        corpus = data_lib.load_corpus(r.cfg.data.source, r.cfg.data.val_fraction)
+        tokens, name = corpus.val, f"{r.cfg.data.source} (validation split)"
+    else:
+        tokens, name = _all_tokens(source), source
+    div = sharding.batch_divisor(r.mesh)
+    batch = batch_size or max(div, t.batch_size // div * div)
+    seq = min(t.seq_len, len(tokens) - 1)
+    if seq < 1:
+        raise ConfigError(f"--data {name}: too short to evaluate ({len(tokens)} tokens)")
+    # Short texts: shrink the batch so at least one batch of windows fits.
+    batch = max(div, min(batch, data_lib.num_windows(tokens, seq) // div * div))
+    data_lib.check_length(tokens, seq, batch, "evaluation", name)
+    max_batches = None if max_tokens is None else max(1, max_tokens // (batch * seq))
+    batches = data_lib.eval_batches(
+        tokens, seq, batch, max_batches, jax.process_index(), jax.process_count()
+    )
+    eval_step = jax.jit(make_eval_step(r.graphdef))
+    loss, n = evaluate_batches(eval_step, r.params, batches, r.mesh)
+    bytes_per_token = ByteTokenizer().bytes_per_token(tokens)
+    return EvalResult(
+        loss=loss,
+        perplexity=math.exp(loss),
+        bits_per_byte=loss / math.log(2) / bytes_per_token,
+        tokens=n,
+        step=r.step,
+        source=name,
+    )
+
+
+def _all_tokens(source: str) -> np.ndarray:
+    """Every token of a file or directory (no train/validation split)."""
+    corpus = data_lib.load_corpus(source, val_fraction=1e-9)
+    return np.concatenate([corpus.train, corpus.val])
+
+
+# ------------------------------------------------------------------------- sampling
+
+
+def generate(
+    r: Restored,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    seed: int = 0,
+) -> str:
+    """Samples a continuation of `prompt` with a KV cache; temperature 0 is greedy."""
+    if not prompt:
+        raise ConfigError("--prompt: must not be empty")
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ConfigError(f"--temperature: must be >= 0, got {temperature}")
+    if top_k < 0:
+        raise ConfigError(f"--top-k: must be >= 0 (0 = no limit), got {top_k}")
+    tok = ByteTokenizer()
+    ids = tok.encode(prompt)[None, :]  # [1, P]
+    out = sample(
+        r.model(), jnp.asarray(ids), max_new_tokens, temperature, top_k, jax.random.key(seed)
+    )
+    return tok.decode(np.asarray(out[0]))
+
+
+@partial(jax.jit, static_argnames=("max_new", "top_k"))
+def _sample_jit(graphdef, params, prompt, max_new, temperature, top_k, key):
+    lm = nnx.merge(graphdef, params)
+    b, p = prompt.shape
+    cache = lm.init_cache(b, p + max_new)
+    positions = jnp.broadcast_to(jnp.arange(p), (b, p))
+    logits, cache = lm.decode(prompt, positions, cache)  # prefill: [B, P, V]
+
+    def pick(logits_bv, key):
+        if top_k:
+            kth = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
+            logits_bv = jnp.where(logits_bv < kth, -jnp.inf, logits_bv)
+        sampled = jax.random.categorical(key, logits_bv / jnp.maximum(temperature, 1e-6))
+        return jnp.where(temperature > 0, sampled, jnp.argmax(logits_bv, -1)).astype(jnp.int32)
+
+    def step(carry, i):
+        cache, last_logits, key = carry
+        key, sub = jax.random.split(key)
+        token = pick(last_logits, sub)  # [B]
+        pos = jnp.full((b, 1), p + i)
+        logits, cache = lm.decode(token[:, None], pos, cache)
+        return (cache, logits[:, -1], key), token
+
+    _, tokens = jax.lax.scan(step, (cache, logits[:, -1], key), jnp.arange(max_new))
+    return tokens.T  # [B, max_new]
+
+
+def sample(lm, prompt, max_new: int, temperature: float, top_k: int, key):
+    """prompt [B, P] int32 -> new tokens [B, max_new] (one compiled loop, KV cache)."""
+    graphdef, params = nnx.split(lm)
+    return _sample_jit(graphdef, params, prompt, max_new, jnp.float32(temperature), top_k, key)

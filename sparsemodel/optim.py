@@ -1,0 +1,41 @@
+"""AdamW with linear warmup + cosine decay and global-norm clipping, from the config."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from sparsemodel.config import TrainConfig
+
+
+def schedule(t: TrainConfig) -> optax.Schedule:
+    """Linear warmup to train.lr, then cosine decay to lr * min_lr_ratio at train.steps."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=t.lr,
+        warmup_steps=t.warmup_steps,
+        decay_steps=max(t.steps, t.warmup_steps + 1),
+        end_value=t.lr * t.min_lr_ratio,
+    )
+
+
+def decay_mask(params):
+    """Weight decay on matrices only: norm scales (and any bias) are left alone."""
+
+    def keep(path, _):
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        return not any("norm" in n or n == "bias" for n in names)
+
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
+    parts = []
+    if t.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(t.grad_clip))
+    parts.append(
+        optax.adamw(
+            schedule(t), b1=t.beta1, b2=t.beta2, weight_decay=t.weight_decay, mask=decay_mask
+        )
+    )
+    return optax.chain(*parts)

@@ -1,0 +1,338 @@
+"""The training loop, top to bottom: workdir -> mesh -> data -> model and optimizer (born
+sharded) -> restore -> compiled step -> loop (log, validate, checkpoint).
+
+A run stopped at any checkpoint and resumed continues the exact loss curve: parameters,
+optimizer state and the data iterator's position are restored, and each step's random key
+is derived from (seed, step) rather than carried.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from sparsemodel import config as config_lib
+from sparsemodel import data as data_lib
+from sparsemodel import sharding
+from sparsemodel.checkpoint import Checkpointer
+from sparsemodel.config import Config, ConfigError
+from sparsemodel.model import aux_losses
+from sparsemodel.optim import make_optimizer, schedule
+from sparsemodel.params import count, init_params
+from sparsemodel.progress import Progress
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the step."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    train_loss: float
+    val_loss: float | None
+    tokens_per_s: float
+    wall_s: float
+
+
+# ------------------------------------------------------------------------ the maths
+
+
+def cross_entropy(logits, targets, mask=None):
+    """Sum and count of token negative log-likelihoods over non-padding targets."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, S]
+    mask = jnp.ones_like(nll) if mask is None else mask.astype(jnp.float32)
+    return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def make_loss_fn(graphdef, cfg: Config):
+    def loss_fn(params, batch, key):
+        lm = nnx.merge(graphdef, params)
+        inputs, targets = batch[:, :-1], batch[:, 1:]  # [B, S] each
+        logits, stats = lm(inputs, key=key)
+        nll_sum, n = cross_entropy(logits, targets)
+        lm_loss = nll_sum / jnp.maximum(n, 1.0)
+        lb, z = aux_losses(stats)
+        loss = lm_loss + cfg.moe.lb_coef * lb + cfg.moe.z_coef * z
+        return loss, {"lm_loss": lm_loss, "lb_loss": lb, "z_loss": z, "stats": stats}
+
+    return loss_fn
+
+
+def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation):
+    """(params, opt_state, batch [B, S+1], step) -> (params, opt_state, metrics)."""
+    grad_fn = jax.value_and_grad(make_loss_fn(graphdef, cfg), has_aux=True)
+    n_micro = cfg.train.grad_accum
+    lr_at = schedule(cfg.train)
+
+    def train_step(params, opt_state, batch, step):
+        key = None
+        if cfg.moe.jitter > 0:
+            key = jax.random.fold_in(jax.random.key(cfg.train.seed), step)
+        if n_micro == 1:
+            (loss, aux), grads = grad_fn(params, batch, key)
+        else:
+            micro = batch.reshape(n_micro, -1, batch.shape[-1])  # [A, B/A, S+1]
+
+            def accumulate(grads, mb):
+                (loss, aux), g = grad_fn(params, mb, key)
+                return jax.tree.map(jnp.add, grads, g), (loss, aux)
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            grads, (loss, aux) = jax.lax.scan(accumulate, zeros, micro)
+            grads = jax.tree.map(lambda g: g / n_micro, grads)
+            loss, aux = jax.tree.map(lambda x: x.mean(0), (loss, aux))
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        stats = aux.pop("stats")
+        metrics = {
+            "loss": loss,
+            **aux,
+            "grad_norm": optax.global_norm(grads),
+            "lr": lr_at(step - 1),
+        }
+        if stats is not None:
+            metrics.update(
+                dropped=stats.dropped.mean(), max_load=stats.max_load.max(), load=stats.load
+            )
+        return params, opt_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef):
+    """(params, batch [B, S+1]) -> (sum of token NLLs, number of tokens)."""
+
+    def eval_step(params, batch):
+        logits, _ = nnx.merge(graphdef, params)(batch[:, :-1])
+        return cross_entropy(logits, batch[:, 1:])
+
+    return eval_step
+
+
+def evaluate_batches(eval_step, params, batches, mesh) -> tuple[float, int]:
+    """Mean NLL (nats/token) and token count over an iterable of host batches."""
+    total, n = 0.0, 0
+    for batch in batches:
+        s, c = eval_step(params, sharding.put_batch(batch, mesh))
+        total, n = total + float(s), n + int(c)
+    return total / max(n, 1), n
+
+
+# ------------------------------------------------------------------------- the run
+
+
+def run(
+    cfg: Config, workdir: str | Path, *, stop_after: int | None = None, log=print
+) -> TrainResult:
+    """Trains `cfg` in `workdir`, resuming from its newest checkpoint if there is one.
+
+    stop_after: stop after this many steps of this call (with a checkpoint), as if
+    preempted; the learning-rate schedule still runs to train.steps.
+    """
+    t_start = time.perf_counter()
+    t = cfg.train
+    is_lead = jax.process_index() == 0
+
+    # --- workdir: the resolved config, checked against what earlier runs trained --------
+    workdir = prepare_workdir(cfg, workdir)
+
+    # --- mesh ----------------------------------------------------------------------------
+    mesh = sharding.make_mesh(cfg.mesh)
+    batch_div = sharding.batch_divisor(mesh)
+    if t.batch_size % batch_div or (t.batch_size // t.grad_accum) % batch_div:
+        raise ConfigError(
+            f"train.batch_size: {t.batch_size} (per micro-batch {t.batch_size // t.grad_accum}) "
+            f"is not divisible by the {batch_div} batch shards of the mesh (data x fsdp x expert)"
+        )
+
+    # --- data ----------------------------------------------------------------------------
+    corpus = data_lib.load_corpus(cfg.data.source, cfg.data.val_fraction)
+    data_lib.check_length(corpus.train, t.seq_len, t.batch_size, "train", cfg.data.source)
+    train_iter = data_lib.train_iterator(
+        corpus.train, t.seq_len, t.batch_size, t.seed, jax.process_index(), jax.process_count()
+    )
+    val_batches = lambda: data_lib.eval_batches(  # noqa: E731
+        corpus.val,
+        t.seq_len,
+        t.batch_size,
+        t.eval_batches,
+        jax.process_index(),
+        jax.process_count(),
+    )
+
+    # --- model and optimizer, created in their shardings ------------------------------
+    graphdef, params = init_params(cfg, mesh, t.seed)
+    tx = make_optimizer(t)
+    opt_state = jax.jit(tx.init)(params)  # zeros_like(params): sharded like the params
+
+    # --- restore --------------------------------------------------------------------------
+    ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
+    start = ckpt.latest_step() or 0
+    if start:
+        params, opt_state, meta = ckpt.restore(start, params, opt_state)
+        train_iter.set_state(meta["data"])
+        log(f"resumed from {workdir}/checkpoints/{start}")
+    metrics_path = workdir / "metrics.jsonl"
+    if is_lead:
+        truncate_metrics(metrics_path, start)
+
+    # --- the compiled step, and what it costs ---------------------------------------------
+    train_step = jax.jit(make_train_step(graphdef, cfg, tx), donate_argnums=(0, 1))
+    eval_step = jax.jit(make_eval_step(graphdef))
+    first = sharding.put_batch(
+        np.zeros((t.batch_size // jax.process_count(), t.seq_len + 1), np.int32), mesh
+    )
+    compiled = train_step.lower(params, opt_state, first, jnp.int32(start + 1)).compile()
+    for line in startup_report(cfg, mesh, params, opt_state, compiled, corpus):
+        log(line)
+
+    # --- the loop ---------------------------------------------------------------------------
+    last_step = t.steps if stop_after is None else min(t.steps, start + stop_after)
+    tokens_per_step = t.batch_size * t.seq_len
+    progress = Progress(t.steps, start, every=t.log_every)
+    step_times: list[float] = []
+    loss = val_loss = None
+    with metrics_path.open("a") if is_lead else open("/dev/null", "w") as metrics_file:
+        for step in range(start + 1, last_step + 1):
+            batch = sharding.put_batch(next(train_iter), mesh)
+            t0 = time.perf_counter()
+            params, opt_state, m = compiled(params, opt_state, batch, jnp.int32(step))
+            m = jax.device_get(m)
+            step_times.append(time.perf_counter() - t0)
+            loss = float(m["loss"])
+            if not (math.isfinite(loss) and math.isfinite(float(m["grad_norm"]))):
+                ckpt.wait()
+                last = ckpt.latest_step()
+                raise TrainingError(
+                    f"step {step}: non-finite loss ({loss}) or gradient norm "
+                    f"({float(m['grad_norm'])}); stopped. Last good checkpoint: "
+                    f"{last if last is not None else 'none'} (try a lower train.lr)"
+                )
+            tokens_per_s = tokens_per_step / statistics.median(step_times[-20:])
+            record = {
+                "step": step,
+                **{k: _json(v) for k, v in m.items()},
+                "tokens_per_s": tokens_per_s,
+            }
+            if step % t.eval_every == 0 or step == t.steps:
+                val_loss, _ = evaluate_batches(eval_step, params, val_batches(), mesh)
+                record["val_loss"] = val_loss
+                progress.message(
+                    f"step {step}: validation loss {val_loss:.4f} "
+                    f"({val_loss / math.log(2):.3f} bits/token)"
+                )
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            progress.update(
+                step, {"loss": loss, "lr": float(m["lr"]), "tok/s": round(tokens_per_s)}
+            )
+            if step % t.checkpoint_every == 0 or step == last_step:
+                ckpt.save(
+                    step,
+                    params,
+                    opt_state,
+                    {"step": step, "data": train_iter.get_state(), "seed": t.seed},
+                )
+    progress.close()
+    ckpt.wait()
+    ckpt.close()
+    wall = time.perf_counter() - t_start
+    tokens_per_s = tokens_per_step / statistics.median(step_times) if step_times else 0.0
+    return TrainResult(
+        last_step, loss if loss is not None else float("nan"), val_loss, tokens_per_s, wall
+    )
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+def prepare_workdir(cfg: Config, workdir: str | Path) -> Path:
+    """Creates the workdir, refuses a config whose shapes differ from its checkpoints', and
+    writes the resolved config.yaml."""
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--workdir {workdir}: exists and is not a directory")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--workdir {workdir}: not writable ({e.strerror})") from None
+    stored = workdir / "config.yaml"
+    if stored.exists() and (workdir / "checkpoints").exists():
+        config_lib.check_same_shapes(config_lib.load(stored), cfg)
+    if jax.process_index() == 0:
+        config_lib.dump(cfg, stored)
+    return workdir
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drops metric lines past the restored step, so a resumed run's log has one line
+    per step (a killed run may have logged steps it never checkpointed)."""
+    if not path.exists():
+        return
+    lines = [
+        ln
+        for ln in path.read_text().splitlines()
+        if ln.strip() and json.loads(ln)["step"] <= last_step
+    ]
+    path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def startup_report(cfg, mesh, params, opt_state, compiled, corpus) -> list[str]:
+    mem = compiled.memory_analysis()
+    mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
+    n_params = count(params)
+    shape = " x ".join(f"{a}={s}" for a, s in mesh.shape.items())
+    lines = [
+        f"mesh: {shape} ({mesh.size} {jax.devices()[0].platform} device(s), "
+        f"{jax.process_count()} process(es))",
+        f"parameters: {n_params:,} total, {active_params(cfg):,} active per token; per device "
+        f"{mib(sharding.bytes_per_device(params))} params + "
+        f"{mib(sharding.bytes_per_device(opt_state))} optimizer state",
+    ]
+    if mem is not None:
+        lines.append(
+            f"compiled train step per device: {mib(mem.argument_size_in_bytes)} arguments, "
+            f"{mib(mem.output_size_in_bytes)} outputs, {mib(mem.temp_size_in_bytes)} temporaries"
+        )
+    lines.append(
+        f"data: {corpus.description}: {len(corpus.train):,} train / "
+        f"{len(corpus.val):,} validation tokens"
+    )
+    return lines
+
+
+def active_params(cfg: Config) -> int:
+    """Parameters used per token: attention, dense MLPs, router, k routed + shared experts,
+    norms and the unembedding (the embedding lookup is not a matmul and is excluded)."""
+    m, e = cfg.model, cfg.moe
+    d, dh = m.d_model, m.d_model // m.n_heads
+    attn = d * dh * (2 * m.n_heads + 2 * m.n_kv_heads)
+    total = 0
+    for kind in cfg.layer_kinds():
+        ffn = (
+            3 * d * m.d_ff
+            if kind == "dense"
+            else (d * e.num_experts + 3 * d * e.d_expert * (e.top_k + e.num_shared))
+        )
+        total += attn + ffn + 2 * d
+    return total + d + d * m.vocab_size
+
+
+def _json(v):
+    v = np.asarray(v)
+    return v.tolist() if v.ndim else float(v)
