@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -23,6 +24,22 @@ PRESET_DIR = Path(__file__).parent / "configs"
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the key and the reason."""
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML (no Python object tags) that also reads `1e-3` as a float, as YAML 1.2 and
+    TOML do (PyYAML's YAML 1.1 resolver would return the string '1e-3')."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass(frozen=True)
@@ -160,7 +177,7 @@ def read_file(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path}: cannot read ({e})") from None
     try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+        data = tomllib.loads(text) if path.suffix == ".toml" else _yaml(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
         reason = str(e).splitlines()[0]
         raise ConfigError(f"config file {path}: not valid YAML/TOML ({reason})") from None
@@ -255,7 +272,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Checks (and for command-line strings, parses) one value against its declared type."""
     if isinstance(value, str) and hint is not str and typing.get_origin(hint) is not Literal:
         with contextlib.suppress(yaml.YAMLError):
-            value = yaml.safe_load(value)
+            value = _yaml(value)
     if typing.get_origin(hint) is Literal:
         allowed = typing.get_args(hint)
         if value not in allowed:

@@ -54,10 +54,16 @@ def _load_corpus(source: str, val_fraction: float) -> Corpus:
     if not path.exists():
         raise DataError(f"data.source: {source} does not exist")
     if path.is_dir():
-        files = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        files = [
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        ]
         if not files:
             raise DataError(f"data.source: directory {source} holds no files")
         train, val = _split_files(path, files, val_fraction)
+        if len(train) + len(val) == 0:
+            raise DataError(f"data.source: directory {source} holds only empty files")
         if len(val) == 0 or len(train) == 0:  # too few files for a split by file: split bytes
             train, val = _split_tail(np.concatenate([train, val]), val_fraction)
         return Corpus(train, val, f"{source} ({len(files)} files)")
@@ -74,6 +80,10 @@ def read_tokens(path: Path) -> np.ndarray:
             if not np.issubdtype(tokens.dtype, np.integer):
                 raise DataError(f"data.source: {path} holds {tokens.dtype}, not integer tokens")
         elif path.suffix == ".bin":
+            if path.stat().st_size % 2:
+                raise DataError(
+                    f"data.source: {path} has an odd number of bytes; .bin files hold uint16 tokens"
+                )
             tokens = np.fromfile(path, dtype=np.uint16)
         else:
             tokens = np.frombuffer(path.read_bytes(), dtype=np.uint8)
@@ -116,6 +126,14 @@ def num_windows(tokens: np.ndarray, seq_len: int) -> int:
     return max(0, (len(tokens) - 1) // seq_len)
 
 
+def check_vocab(tokens: np.ndarray, vocab_size: int, source: str) -> None:
+    top = int(tokens.max()) if tokens.size else 0
+    if top >= vocab_size:
+        raise DataError(
+            f"data.source: {source} holds token id {top}, outside model.vocab_size={vocab_size}"
+        )
+
+
 def check_length(tokens: np.ndarray, seq_len: int, need: int, split: str, source: str) -> None:
     if num_windows(tokens, seq_len) < need:
         raise DataError(
@@ -148,8 +166,10 @@ def train_iterator(
     skips data.
     """
     ds = windows(tokens, seq_len).shuffle(seed=seed).repeat()
-    ds = ds[process_index::process_count]
-    return iter(ds.batch(global_batch // process_count, drop_remainder=True))
+    ds = ds[process_index::process_count].batch(global_batch // process_count, drop_remainder=True)
+    # Slicing windows is cheap: a couple of threads and a short prefetch suffice (grain's
+    # defaults start 16 threads per iterator).
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
 
 
 def eval_batches(

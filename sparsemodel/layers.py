@@ -30,7 +30,7 @@ def param(
     else:
         x = std * jax.random.normal(rngs.params(), shape, jnp.float32)
     # eager_sharding=False: shardings come from our own rules table, applied by sharding.py.
-    return nnx.Param(x, sharding_names=axes, eager_sharding=False)
+    return nnx.Param(x, out_sharding=axes, eager_sharding=False)
 
 
 class RMSNorm(nnx.Module):

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparsemodel.config import Config
+from sparsemodel.grouped_matmul import block_swiglu
 from sparsemodel.layers import MLP, param
 
 
@@ -123,7 +124,7 @@ class MoE(nnx.Module):
         with jax.named_scope("dispatch"):
             xr = gather_rows(x_td, rows, routing, total_rows)  # [N_blocks*B, D]
         with jax.named_scope("experts"):
-            yr = block_experts(
+            yr = block_swiglu(
                 xr.reshape(-1, e.block_size, xr.shape[-1]),
                 block_expert,
                 n_blocks,
@@ -303,26 +304,3 @@ def combine_rows(y_rd, rows_tk, routing: Routing, keep_tk):
         y_tkd = y_pad[rows]  # [T, k, D]
         w = jnp.where(keep_tk, routing.weights, 0.0).astype(y_rd.dtype)
         return jnp.einsum("tkd,tk->td", y_tkd, w)
-
-
-def block_experts(x_nbd, block_expert, n_used, w_gate, w_up, w_down):
-    """Grouped SwiGLU over blocks of rows that each belong to one expert.
-
-    x_nbd [N, B, D], block_expert [N], n_used: blocks past it are padding and skipped.
-    One [B, D] x [D, F] matmul per block, so the FLOPs are those of the rows, not E times.
-    """
-    dtype = x_nbd.dtype
-
-    def one_block(_, inputs):
-        i, xb, e = inputs
-
-        def compute(xb):
-            g = xb @ w_gate[e].astype(dtype)  # [B, F]
-            u = xb @ w_up[e].astype(dtype)
-            return (jax.nn.silu(g) * u) @ w_down[e].astype(dtype)  # [B, D]
-
-        return None, jax.lax.cond(i < n_used, compute, jnp.zeros_like, xb)
-
-    idx = jnp.arange(x_nbd.shape[0])
-    _, y = jax.lax.scan(one_block, None, (idx, x_nbd, block_expert))
-    return y

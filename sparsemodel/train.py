@@ -43,6 +43,7 @@ class TrainResult:
     val_loss: float | None
     tokens_per_s: float
     wall_s: float
+    unigram_entropy: float  # nats/token of the validation split's byte unigram: the no-context loss
 
 
 # ------------------------------------------------------------------------ the maths
@@ -99,7 +100,8 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation):
         metrics = {
             "loss": loss,
             **aux,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
             "lr": lr_at(step - 1),
         }
         if stats is not None:
@@ -160,6 +162,7 @@ def run(
     # --- data ----------------------------------------------------------------------------
     corpus = data_lib.load_corpus(cfg.data.source, cfg.data.val_fraction)
     data_lib.check_length(corpus.train, t.seq_len, t.batch_size, "train", cfg.data.source)
+    data_lib.check_vocab(corpus.train, cfg.model.vocab_size, cfg.data.source)
     train_iter = data_lib.train_iterator(
         corpus.train, t.seq_len, t.batch_size, t.seed, jax.process_index(), jax.process_count()
     )
@@ -212,12 +215,12 @@ def run(
             m = jax.device_get(m)
             step_times.append(time.perf_counter() - t0)
             loss = float(m["loss"])
-            if not (math.isfinite(loss) and math.isfinite(float(m["grad_norm"]))):
+            if not all(map(math.isfinite, (loss, m["grad_norm"], m["param_norm"]))):
                 ckpt.wait()
                 last = ckpt.latest_step()
                 raise TrainingError(
-                    f"step {step}: non-finite loss ({loss}) or gradient norm "
-                    f"({float(m['grad_norm'])}); stopped. Last good checkpoint: "
+                    f"step {step}: non-finite loss ({loss}), gradient norm "
+                    f"({float(m['grad_norm'])}) or parameter norm ({float(m['param_norm'])}); stopped. Last good checkpoint: "
                     f"{last if last is not None else 'none'} (try a lower train.lr)"
                 )
             tokens_per_s = tokens_per_step / statistics.median(step_times[-20:])

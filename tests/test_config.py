@@ -1,0 +1,450 @@
+"""Configuration: presets, `--set` overrides, config files, validation and the CLI's error path.
+
+Nothing here compiles JAX code; every check runs on plain data, as `sparsemodel train`
+does before it builds a model.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from sparsemodel import cli, config
+from sparsemodel.train import active_params  # also pre-imports JAX for the CLI timing test
+
+PRESETS = ["tiny", "small", "small-dense"]
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_loads(name):
+    cfg = config.load(name)
+    assert isinstance(cfg, config.Config)
+    assert name in config.preset_names()
+
+
+def test_small_and_small_dense_match_in_active_params_up_to_the_router():
+    small, dense = config.load("small"), config.load("small-dense")
+    assert small.is_moe and not dense.is_moe
+    m, e = small.model, small.moe
+    router = m.n_layers * m.d_model * e.num_experts
+    assert active_params(small) - active_params(dense) == router
+
+
+def test_load_defaults_to_small():
+    assert config.load() == config.load("small")
+
+
+# ---------------------------------------------------------------------------- overrides
+
+
+def test_typed_overrides():
+    cfg = config.load(
+        "tiny",
+        overrides={"moe.top_k": 1, "train.lr": 1e-3, "model.tie_embeddings": True},
+    )
+    assert cfg.moe.top_k == 1
+    assert cfg.train.lr == 1e-3
+    assert cfg.model.tie_embeddings is True
+
+
+def test_int_override_for_a_float_field_becomes_float():
+    cfg = config.load("tiny", overrides={"train.lr": 1})
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+
+
+@pytest.mark.parametrize(
+    "key, text, expected",
+    [
+        ("moe.top_k", "1", 1),
+        ("train.lr", "0.001", 1e-3),
+        ("train.lr", "1.0e-3", 1e-3),
+        # The plain scientific notation people type on a command line. PyYAML's YAML 1.1
+        # resolver reads "1e-3" (no dot, no sign rule) as a *string*, so this needs the
+        # config loader's own number parsing.
+        ("train.lr", "1e-3", 1e-3),
+        ("train.lr", "3e-4", 3e-4),
+        ("model.tie_embeddings", "true", True),
+        ("model.tie_embeddings", "false", False),
+        ("moe.router", "expert_choice", "expert_choice"),
+        ("data.source", "123", "123"),  # a str field keeps the text as typed
+    ],
+)
+def test_string_overrides_are_parsed_and_typed(key, text, expected):
+    cfg = config.load("tiny", overrides={key: text})
+    section, name = key.split(".")
+    value = getattr(getattr(cfg, section), name)
+    assert value == expected
+    assert type(value) is type(expected)
+
+
+def test_parse_overrides():
+    assert config.parse_overrides(["moe.top_k=1"]) == {"moe.top_k": "1"}
+    assert config.parse_overrides(["moe.top_k=1", "train.lr=0.01"]) == {
+        "moe.top_k": "1",
+        "train.lr": "0.01",
+    }
+    # Only the first '=' separates key and value.
+    assert config.parse_overrides(["data.source=a=b"]) == {"data.source": "a=b"}
+    assert config.parse_overrides([]) == {}
+
+
+@pytest.mark.parametrize("pair", ["moe.top_k", "=1"])
+def test_parse_overrides_rejects_a_malformed_pair(pair):
+    with pytest.raises(config.ConfigError) as exc:
+        config.parse_overrides([pair])
+    assert "\n" not in str(exc.value)
+    assert "key=value" in str(exc.value)
+
+
+def test_replace_applies_overrides_and_validates():
+    cfg = config.load("tiny")
+    assert cfg.replace({"moe.top_k": 1}).moe.top_k == 1
+    assert cfg.moe.top_k == 2  # frozen: replace returns a new Config
+    with pytest.raises(config.ConfigError, match=r"^moe\.top_k: "):
+        cfg.replace({"moe.top_k": 9})
+
+
+# --------------------------------------------------------------------------- validation
+
+# Every bad input names its key first, then the reason, on one line. Overrides apply to the
+# `tiny` preset: d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, num_experts=4, top_k=2.
+BAD_INPUTS = [
+    # (overrides, key the message starts with, fragment of the reason)
+    # -- names
+    ({"model.foo": 1}, "model.foo", "unknown key"),
+    ({"foo.bar": 1}, "foo", "unknown config section"),
+    ({"moe": 1}, "moe", "keys are section.name"),
+    ({"moe.top_k.x": 1}, "moe.top_k.x", "keys are section.name"),
+    # -- types
+    ({"model.d_model": "abc"}, "model.d_model", "expected an integer"),
+    ({"model.d_model": 2.5}, "model.d_model", "expected an integer"),
+    ({"model.d_model": "2.5"}, "model.d_model", "expected an integer"),
+    ({"model.d_model": True}, "model.d_model", "expected an integer"),
+    ({"model.d_model": "true"}, "model.d_model", "expected an integer"),
+    ({"moe.top_k": ""}, "moe.top_k", "expected an integer"),
+    ({"model.tie_embeddings": 1}, "model.tie_embeddings", "expected true or false"),
+    ({"train.lr": "fast"}, "train.lr", "expected a number"),
+    ({"train.lr": True}, "train.lr", "expected a number"),
+    ({"train.lr": ".inf"}, "train.lr", "expected a finite number"),
+    ({"data.source": 5}, "data.source", "expected a string"),
+    # -- choices
+    ({"moe.router": "random"}, "moe.router", "is not one of topk, expert_choice"),
+    ({"moe.dispatch": "dense"}, "moe.dispatch", "is not one of dropless, capacity"),
+    ({"train.dtype": "float16"}, "train.dtype", "is not one of float32, bfloat16"),
+    ({"train.remat": "some"}, "train.remat", "is not one of none, full, dots"),
+    # -- sizes
+    ({"model.d_model": 0}, "model.d_model", "must be positive"),
+    ({"model.n_layers": -1}, "model.n_layers", "must be positive"),
+    ({"model.n_heads": 0}, "model.n_heads", "must be positive"),
+    ({"model.n_kv_heads": 0}, "model.n_kv_heads", "must be positive"),
+    ({"model.vocab_size": 0}, "model.vocab_size", "must be positive"),
+    ({"train.batch_size": 0}, "train.batch_size", "must be positive"),
+    ({"train.steps": -5}, "train.steps", "must be positive"),
+    ({"train.grad_accum": 0}, "train.grad_accum", "must be positive"),
+    ({"train.seq_len": 1}, "train.seq_len", "must be >= 2"),
+    ({"train.lr": 0}, "train.lr", "must be positive"),
+    ({"moe.num_experts": -1}, "moe.num_experts", "must be >= 0"),
+    ({"moe.d_expert": 0}, "moe.d_expert", "must be positive"),
+    ({"moe.top_k": 0}, "moe.top_k", "must be >= 1"),
+    ({"moe.capacity_factor": 0}, "moe.capacity_factor", "must be positive"),
+    ({"moe.capacity_factor": -1.5}, "moe.capacity_factor", "must be positive"),
+    ({"data.val_fraction": 1.0}, "data.val_fraction", "must be in (0, 1)"),
+    ({"data.val_fraction": 0}, "data.val_fraction", "must be in (0, 1)"),
+    ({"data.source": ""}, "data.source", "must not be empty"),
+    ({"mesh.data": 0}, "mesh.data", "must be >= 1 or -1"),
+    # -- cross-field
+    ({"moe.top_k": 5}, "moe.top_k", "exceeds moe.num_experts=4"),
+    ({"model.d_model": 66}, "model.d_model", "not divisible by model.n_heads=4"),
+    ({"model.d_model": 12}, "model.d_model", "must be even for rotary embeddings"),
+    ({"model.n_kv_heads": 3}, "model.n_heads", "not divisible by model.n_kv_heads=3"),
+    ({"model.n_kv_heads": 8}, "model.n_heads", "not divisible by model.n_kv_heads=8"),
+    (
+        {"train.batch_size": 6, "train.grad_accum": 4},
+        "train.batch_size",
+        "not divisible by train.grad_accum=4",
+    ),
+    ({"moe.every": 0}, "moe.every", "must be >= 1"),
+    ({"moe.every": 3}, "moe.every", "is not a multiple of 3"),
+    ({"moe.first_dense": 2}, "moe.first_dense", "must be in [0, model.n_layers=2)"),
+    ({"model.share_layers": 3}, "model.share_layers", "model.n_layers=2 is not a multiple of 3"),
+    ({"model.share_layers": -1}, "model.share_layers", "must be >= 0"),
+    ({"mesh.fsdp": -1}, "mesh.fsdp", "only one axis may be -1"),
+    ({"mesh.expert": 3}, "mesh.expert", "moe.num_experts=4 is not divisible by 3"),
+    ({"mesh.tensor": 4}, "mesh.tensor", "model.n_kv_heads=2 is not divisible by 4"),
+]
+
+
+@pytest.mark.parametrize(
+    "overrides, key, reason", BAD_INPUTS, ids=[repr(o)[1:-1] for o, _, _ in BAD_INPUTS]
+)
+def test_bad_input_names_its_key_on_one_line(overrides, key, reason):
+    with pytest.raises(config.ConfigError) as exc:
+        config.load("tiny", overrides=overrides)
+    message = str(exc.value)
+    assert "\n" not in message
+    assert message.startswith(f"{key}: "), message
+    assert reason in message, message
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(config.ConfigError, ValueError)
+
+
+def test_moe_only_checks_are_skipped_for_a_dense_model():
+    # top_k and capacity_factor mean nothing without experts.
+    cfg = config.load(
+        "tiny", overrides={"moe.num_experts": 0, "moe.top_k": 9, "moe.capacity_factor": 0}
+    )
+    assert not cfg.is_moe
+
+
+# -------------------------------------------------------------------------- layer kinds
+
+
+def test_layer_kinds_interleaved_after_first_dense():
+    cfg = config.load("tiny", overrides={"model.n_layers": 5, "moe.every": 2, "moe.first_dense": 1})
+    assert cfg.layer_kinds() == ["dense", "dense", "moe", "dense", "moe"]
+
+
+def test_layer_kinds_all_moe_by_default():
+    assert config.load("tiny").layer_kinds() == ["moe", "moe"]
+
+
+def test_layer_kinds_dense_model():
+    cfg = config.load("tiny", overrides={"moe.num_experts": 0, "model.n_layers": 3})
+    assert cfg.layer_kinds() == ["dense", "dense", "dense"]
+
+
+# ------------------------------------------------------------------------- config files
+
+YAML_TEXT = """\
+model: {d_model: 64, n_layers: 2, n_heads: 4, n_kv_heads: 2, d_ff: 128, tie_embeddings: true}
+moe:
+  num_experts: 4
+  top_k: 1
+  router: expert_choice
+train:
+  steps: 7
+  lr: 2.5e-3
+data:
+  source: corpus.txt
+"""
+
+TOML_TEXT = """\
+[model]
+d_model = 64
+n_layers = 2
+n_heads = 4
+n_kv_heads = 2
+d_ff = 128
+tie_embeddings = true
+
+[moe]
+num_experts = 4
+top_k = 1
+router = "expert_choice"
+
+[train]
+steps = 7
+lr = 2.5e-3
+
+[data]
+source = "corpus.txt"
+"""
+
+
+def test_yaml_and_toml_files_load_to_equal_configs(tmp_path):
+    (tmp_path / "c.yaml").write_text(YAML_TEXT)
+    (tmp_path / "c.toml").write_text(TOML_TEXT)
+    from_yaml = config.load(tmp_path / "c.yaml")
+    from_toml = config.load(str(tmp_path / "c.toml"))
+    assert from_yaml == from_toml
+    assert from_yaml.moe.router == "expert_choice"
+    assert from_yaml.train.lr == 2.5e-3
+    assert from_yaml.model.tie_embeddings is True
+    assert from_yaml.train.batch_size == config.TrainConfig().batch_size  # unset: default
+
+
+def test_yaml_file_with_exponent_without_dot(tmp_path):
+    # `lr: 1e-3` is what people write; TOML reads it as a float, so YAML must too.
+    (tmp_path / "c.yaml").write_text("train: {lr: 1e-3}\n")
+    (tmp_path / "c.toml").write_text("[train]\nlr = 1e-3\n")
+    assert config.load(tmp_path / "c.toml").train.lr == 1e-3
+    assert config.load(tmp_path / "c.yaml").train.lr == 1e-3
+
+
+def test_file_then_overrides(tmp_path):
+    (tmp_path / "c.yaml").write_text(YAML_TEXT)
+    cfg = config.load(tmp_path / "c.yaml", overrides={"moe.top_k": "2", "train.steps": 9})
+    assert (cfg.moe.top_k, cfg.train.steps) == (2, 9)
+
+
+def test_empty_yaml_file_gives_the_defaults(tmp_path):
+    (tmp_path / "empty.yaml").write_text("")
+    assert config.load(tmp_path / "empty.yaml") == config.Config()
+
+
+def test_yaml_python_object_tag_is_refused_and_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.yaml"
+    path.write_text(f'model: !!python/object/apply:os.system ["touch {marker}"]\n')
+    with pytest.raises(config.ConfigError) as exc:
+        config.load(path)
+    assert not marker.exists()
+    assert "\n" not in str(exc.value)
+    assert str(exc.value).startswith(f"config file {path}: ")
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("broken.yaml", "model: [unclosed\n"),
+        ("broken.toml", "[model\nd_model = 64\n"),
+        ("broken.toml", "model: [unclosed\n"),
+    ],
+)
+def test_unparseable_file(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(config.ConfigError) as exc:
+        config.load(path)
+    assert "\n" not in str(exc.value)
+    assert "not valid YAML/TOML" in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("- a\n- b\n", "config file"),  # not a mapping at all
+        ("model: 5\n", "model"),  # a section that is not a mapping
+        ("model: {d_model: abc}\n", "model.d_model"),
+        ("widgets: {n: 1}\n", "widgets"),
+    ],
+)
+def test_file_with_bad_structure(tmp_path, text, key):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(config.ConfigError) as exc:
+        config.load(path)
+    assert "\n" not in str(exc.value)
+    assert str(exc.value).startswith(key), str(exc.value)
+
+
+@pytest.mark.parametrize("name", ["missing.yaml", "missing.toml", "missing.yml"])
+def test_missing_file(tmp_path, name):
+    with pytest.raises(config.ConfigError) as exc:
+        config.load(tmp_path / name)
+    assert "\n" not in str(exc.value)
+    assert "no such file" in str(exc.value)
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(config.ConfigError) as exc:
+        config.load("no-such-preset")
+    message = str(exc.value)
+    assert "\n" not in message
+    assert message.startswith("--config no-such-preset: ")
+    for name in PRESETS:
+        assert name in message
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_dump_then_load_round_trips(tmp_path, name):
+    cfg = config.load(name, overrides={"train.lr": 1.5e-05, "model.norm_eps": 1e-06})
+    path = tmp_path / "config.yaml"
+    config.dump(cfg, path)
+    assert config.load(path) == cfg
+
+
+def test_dump_round_trips_non_default_choices(tmp_path):
+    cfg = config.load(
+        "tiny",
+        overrides={
+            "moe.router": "expert_choice",
+            "moe.dispatch": "capacity",
+            "train.dtype": "bfloat16",
+            "model.tie_embeddings": True,
+            "data.source": "true",  # a string that YAML would read as a bool if unquoted
+            "mesh.data": 1,
+            "mesh.expert": -1,
+        },
+    )
+    path = tmp_path / "config.yaml"
+    config.dump(cfg, path)
+    assert config.load(path) == cfg
+
+
+# ------------------------------------------------------------------- checkpoint shapes
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"moe.num_experts": 8}, "moe.num_experts"),
+        ({"model.d_model": 128}, "model.d_model"),
+        ({"model.tie_embeddings": True}, "model.tie_embeddings"),
+        ({"moe.d_expert": 32}, "moe.d_expert"),
+    ],
+)
+def test_check_same_shapes_names_the_field(overrides, key):
+    stored = config.load("tiny")
+    new = config.load("tiny", overrides=overrides)
+    with pytest.raises(config.ConfigError) as exc:
+        config.check_same_shapes(stored, new)
+    assert "\n" not in str(exc.value)
+    assert str(exc.value).startswith(f"{key}: ")
+
+
+def test_check_same_shapes_allows_training_changes():
+    stored = config.load("tiny")
+    new = config.load(
+        "tiny",
+        overrides={
+            "train.lr": 1e-4,
+            "train.steps": 1000,
+            "train.seed": 3,
+            "train.batch_size": 4,
+            "train.seq_len": 16,
+            "train.dtype": "bfloat16",
+        },
+    )
+    config.check_same_shapes(stored, new)  # does not raise
+
+
+# ----------------------------------------------------------------------- CLI error path
+
+
+@pytest.mark.parametrize(
+    "set_args, prefix",
+    [
+        (["moe.top_k=9"], "sparsemodel: error: moe.top_k: "),
+        (["model.foo=1"], "sparsemodel: error: model.foo: "),
+        (["moe.top_k"], "sparsemodel: error: --set 'moe.top_k': "),
+        (["model.d_model=abc"], "sparsemodel: error: model.d_model: "),
+    ],
+)
+def test_cli_config_error_is_one_line_and_exit_2(tmp_path, capsys, set_args, prefix):
+    workdir = tmp_path / "w"
+    argv = ["train", "--config", "tiny", "--workdir", str(workdir), "--set", *set_args]
+    t0 = time.perf_counter()
+    rc = cli.main(argv)
+    elapsed = time.perf_counter() - t0
+    out, err = capsys.readouterr()
+    assert rc == 2
+    assert out == ""
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(prefix), err
+    assert elapsed < 1.0, f"took {elapsed:.2f}s: the error should come before any compilation"
+    assert not workdir.exists()
+
+
+def test_cli_unknown_preset(tmp_path, capsys):
+    rc = cli.main(["train", "--config", "nope", "--workdir", str(tmp_path / "w")])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    assert len(err.splitlines()) == 1
+    assert err.startswith("sparsemodel: error: --config nope: ")
