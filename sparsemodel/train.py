@@ -220,8 +220,9 @@ def run(
                 last = ckpt.latest_step()
                 raise TrainingError(
                     f"step {step}: non-finite loss ({loss}), gradient norm "
-                    f"({float(m['grad_norm'])}) or parameter norm ({float(m['param_norm'])}); stopped. Last good checkpoint: "
-                    f"{last if last is not None else 'none'} (try a lower train.lr)"
+                    f"({float(m['grad_norm'])}) or parameter norm ({float(m['param_norm'])}); "
+                    f"stopped. Last good checkpoint: {last if last is not None else 'none'} "
+                    "(try a lower train.lr)"
                 )
             tokens_per_s = tokens_per_step / statistics.median(step_times[-20:])
             record = {
