@@ -142,9 +142,10 @@ def generate(
         raise ConfigError(f"--top-k: must be >= 0 (0 = no limit), got {top_k}")
     tok = ByteTokenizer()
     ids = tok.encode(prompt)[None, :]  # [1, P]
-    out = sample(
-        r.model(), jnp.asarray(ids), max_new_tokens, temperature, top_k, jax.random.key(seed)
-    )
+    with jax.set_mesh(r.mesh):
+        out = sample(
+            r.model(), jnp.asarray(ids), max_new_tokens, temperature, top_k, jax.random.key(seed)
+        )
     return tok.decode(np.asarray(out[0]))
 
 

@@ -129,8 +129,11 @@ class MLP(nnx.Module):
         self.w_down = param(rngs, (d_ff, d_model), ("mlp", "embed"), out_std)
 
     def __call__(self, x_nd):
-        dtype = x_nd.dtype
-        h = jax.nn.silu(x_nd @ self.w_gate[...].astype(dtype)) * (
-            x_nd @ self.w_up[...].astype(dtype)
-        )
-        return h @ self.w_down[...].astype(dtype)  # [N, D]
+        return swiglu(x_nd, self.w_gate[...], self.w_up[...], self.w_down[...])
+
+
+def swiglu(x_nd, w_gate, w_up, w_down):
+    """silu(x W_gate) * (x W_up) W_down in x's dtype: [N, D] -> [N, D]."""
+    dtype = x_nd.dtype
+    h = jax.nn.silu(x_nd @ w_gate.astype(dtype)) * (x_nd @ w_up.astype(dtype))  # [N, F]
+    return h @ w_down.astype(dtype)

@@ -17,21 +17,46 @@ Expert choice (`moe.router = "expert_choice"`): each expert picks its top-C toke
 group. It looks at the whole group at once, so it is NOT causal: a token's output can
 depend on later tokens. Use it for encoders or experiments, not for generation.
 
-Statistics and auxiliary losses are returned explicitly as `MoEStats`.
+Distribution. Under a mesh the layer runs in `shard_map`: each device routes its own
+tokens; with `mesh.expert = n` the n devices of an expert group all-gather their tokens,
+each runs only its E/n experts on the tokens routed to them, and a reduce-scatter returns
+every token's sum to its owner (dropless stays exact: no capacity is involved).
+FSDP-sharded weights are all-gathered per layer; tensor-sharded expert width gives partial
+sums that are added over `tensor`. The token group T is the tokens of one expert group,
+so capacity and expert choice see the same group on one device as on many only when
+mesh.expert covers all batch shards.
+
+Statistics and auxiliary losses are returned explicitly as `MoEStats`, computed from sums
+over all devices' tokens, so they equal the single-device numbers.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from sparsemodel import sharding
 from sparsemodel.config import Config
 from sparsemodel.grouped_matmul import block_swiglu
-from sparsemodel.layers import MLP, param
+from sparsemodel.layers import param, swiglu
+
+# Logical axes of the layer's weights: used to create them and to shard_map over them.
+AXES = {
+    "router": ("embed", None),
+    "gate": ("exp", "embed", "mlp"),
+    "up": ("exp", "embed", "mlp"),
+    "down": ("exp", "mlp", "embed"),
+    "shared_gate": ("embed", "mlp"),
+    "shared_up": ("embed", "mlp"),
+    "shared_down": ("mlp", "embed"),
+}
 
 
 class MoEStats(NamedTuple):
@@ -46,7 +71,7 @@ class MoEStats(NamedTuple):
 
 
 class Routing(NamedTuple):
-    experts: jax.Array  # [T, k] int32 chosen expert per assignment; E marks padding tokens
+    experts: jax.Array  # [T, k] int32 chosen expert per assignment; E marks "none"
     weights: jax.Array  # [T, k] float32 combine weights
 
 
@@ -63,137 +88,178 @@ class MoE(nnx.Module):
         m, e = cfg.model, cfg.moe
         self.cfg = cfg
         std, out_std = m.init_std, m.init_std / (2 * m.n_layers) ** 0.5
-        n, d, f = e.num_experts, m.d_model, e.d_expert
-        self.w_router = param(rngs, (d, n), ("embed", None), std)
-        self.w_gate = param(rngs, (n, d, f), ("exp", "embed", "mlp"), std)
-        self.w_up = param(rngs, (n, d, f), ("exp", "embed", "mlp"), std)
-        self.w_down = param(rngs, (n, f, d), ("exp", "mlp", "embed"), out_std)
-        self.shared = MLP(d, e.num_shared * f, cfg, rngs=rngs) if e.num_shared else None
+        n, d, f, fs = e.num_experts, m.d_model, e.d_expert, e.num_shared * e.d_expert
+        self.w_router = param(rngs, (d, n), AXES["router"], std)
+        self.w_gate = param(rngs, (n, d, f), AXES["gate"], std)
+        self.w_up = param(rngs, (n, d, f), AXES["up"], std)
+        self.w_down = param(rngs, (n, f, d), AXES["down"], out_std)
+        if fs:  # shared experts: one always-on SwiGLU of width num_shared * d_expert
+            self.w_shared_gate = param(rngs, (d, fs), AXES["shared_gate"], std)
+            self.w_shared_up = param(rngs, (d, fs), AXES["shared_up"], std)
+            self.w_shared_down = param(rngs, (fs, d), AXES["shared_down"], out_std)
+
+    def weights(self) -> dict[str, jax.Array]:
+        names = ["router", "gate", "up", "down"]
+        if self.cfg.moe.num_shared:
+            names += ["shared_gate", "shared_up", "shared_down"]
+        return {n: getattr(self, f"w_{n}")[...] for n in names}
 
     def __call__(self, x_td, mask_t=None, key=None) -> tuple[jax.Array, MoEStats]:
         """x_td [T, D] (compute dtype), mask_t [T] bool or None, key: jitter PRNG key or None.
 
         Returns y [T, D] and this layer's MoEStats.
         """
-        e = self.cfg.moe
-        t = x_td.shape[0]
         if mask_t is None:
-            mask_t = jnp.ones((t,), bool)
-        with jax.named_scope("router"):
-            logits, probs = self.route_probs(x_td, key)  # [T, E] f32
-        if e.router == "expert_choice":
-            y, routing, dropped = self._expert_choice(x_td, probs, mask_t)
-        else:
-            routing = top_k_routing(probs, mask_t, e.top_k, e.renormalize)
-            y, dropped = self._token_choice(x_td, routing)
-        if self.shared is not None:
-            y = y + self.shared(x_td)
-        return y, router_stats(logits, probs, routing, mask_t, dropped)
+            mask_t = jnp.ones(x_td.shape[:1], bool)
+        w = self.weights()
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:  # plain call outside any mesh: the same function, no collectives
+            return moe_forward(self.cfg, Collectives(), w, x_td, mask_t, key)
+        specs = {
+            n: sharding.fit_spec(sharding.logical_to_spec(AXES[n]), w[n].shape, mesh) for n in w
+        }
+        batch = P(sharding.BATCH_AXES)
+        coll = Collectives.for_mesh(mesh, specs)
+        args, in_specs = (w, x_td, mask_t), (specs, batch, batch)
+        if key is not None:
+            args, in_specs = args + (key,), in_specs + (P(),)
+        fn = partial(moe_forward, self.cfg, coll)
+        # check_vma=False: the block loop's lax.cond and scan carries would otherwise need
+        # every branch and carry cast to the same varying axes; equality of sharded and
+        # single-device training (tests/test_sharding.py) checks the result instead.
+        return jax.shard_map(
+            fn, mesh=mesh, in_specs=in_specs, out_specs=(batch, P()), check_vma=False
+        )(*args)
 
     def route_probs(self, x_td, key=None):
-        x32 = x_td.astype(jnp.float32)
-        if key is not None and self.cfg.moe.jitter > 0:
-            eps = self.cfg.moe.jitter
-            x32 = x32 * jax.random.uniform(key, x32.shape, jnp.float32, 1 - eps, 1 + eps)
-        logits = x32 @ self.w_router[...]  # [T, E], float32 whatever the compute dtype
-        return logits, jax.nn.softmax(logits, axis=-1)
+        return route(self.cfg, self.w_router[...], x_td, key)
 
-    # ------------------------------------------------------------------ token choice
 
-    def _token_choice(self, x_td, routing: Routing):
-        e = self.cfg.moe
-        if e.dispatch == "capacity":
-            capacity = expert_capacity(x_td.shape[0], e.top_k, e.num_experts, e.capacity_factor)
-            rows, keep = capacity_rows(routing.experts, e.num_experts, capacity)
-            with jax.named_scope("dispatch"):
-                xb = gather_rows(x_td, rows, routing, e.num_experts * capacity)
-            with jax.named_scope("experts"):
-                yb = self.batched_experts(xb.reshape(e.num_experts, capacity, -1))
-            y = combine_rows(yb.reshape(e.num_experts * capacity, -1), rows, routing, keep)
-            dropped = 1.0 - _masked_mean(keep, routing.experts < e.num_experts)
-            return y, dropped
-        if grouped_matmul_kind(self.cfg) == "ragged_dot":
-            return self._dropless_ragged(x_td, routing), jnp.zeros((), jnp.float32)
-        return self._dropless_blocks(x_td, routing), jnp.zeros((), jnp.float32)
+# ------------------------------------------------------------------- collectives
 
-    def _dropless_blocks(self, x_td, routing: Routing):
-        e = self.cfg.moe
-        n_assign = routing.experts.size
-        rows, block_expert, n_blocks = block_rows(routing.experts, e.num_experts, e.block_size)
-        total_rows = block_expert.shape[0] * e.block_size
-        with jax.named_scope("dispatch"):
-            xr = gather_rows(x_td, rows, routing, total_rows)  # [N_blocks*B, D]
-        with jax.named_scope("experts"):
-            yr = block_swiglu(
-                xr.reshape(-1, e.block_size, xr.shape[-1]),
-                block_expert,
-                n_blocks,
-                self.w_gate[...],
-                self.w_up[...],
-                self.w_down[...],
-            ).reshape(total_rows, -1)
-        keep = jnp.ones((n_assign,), bool).reshape(routing.experts.shape)
-        return combine_rows(yr, rows, routing, keep & (routing.experts < e.num_experts))
 
-    def _dropless_ragged(self, x_td, routing: Routing):
-        e = self.cfg.moe
-        dtype = x_td.dtype
-        n, k = routing.experts.shape
-        flat_e = routing.experts.reshape(-1)  # [A]; padding tokens carry E
-        order = jnp.argsort(flat_e, stable=True)
-        # ragged_dot needs every row in a group: padding rows ride in the last expert,
-        # with weight zero in the combine.
-        group_sizes = jnp.bincount(jnp.minimum(flat_e, e.num_experts - 1), length=e.num_experts)
-        with jax.named_scope("dispatch"):
-            xs = x_td[order // k]  # [A, D] rows sorted by expert
-        with jax.named_scope("experts"):
-            g = jax.lax.ragged_dot(xs, self.w_gate[...].astype(dtype), group_sizes)
-            u = jax.lax.ragged_dot(xs, self.w_up[...].astype(dtype), group_sizes)
-            ys = jax.lax.ragged_dot(jax.nn.silu(g) * u, self.w_down[...].astype(dtype), group_sizes)
-        with jax.named_scope("combine"):
-            y_a = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)  # unsort -> [T, k, D]
-            w = jnp.where(routing.experts < e.num_experts, routing.weights, 0.0)
-            return jnp.einsum("tkd,tk->td", y_a, w.astype(dtype))
+@dataclass(frozen=True)
+class Collectives:
+    """The collectives of one MoE layer under shard_map; the defaults (no mesh) are no-ops."""
 
-    def batched_experts(self, xb_ecd):
-        """SwiGLU of each expert on its own buffer: [E, C, D] -> [E, C, D]."""
-        dtype = xb_ecd.dtype
-        g = jnp.einsum("ecd,edf->ecf", xb_ecd, self.w_gate[...].astype(dtype))
-        u = jnp.einsum("ecd,edf->ecf", xb_ecd, self.w_up[...].astype(dtype))
-        return jnp.einsum("ecf,efd->ecd", jax.nn.silu(g) * u, self.w_down[...].astype(dtype))
+    specs: tuple[tuple[str, P], ...] = ()  # weight name -> PartitionSpec
+    expert_size: int = 1  # devices per expert group
+    batch_axes: tuple[str, ...] = ()  # axes over which tokens differ
 
-    # ----------------------------------------------------------------- expert choice
-
-    def _expert_choice(self, x_td, probs, mask_t):
-        e = self.cfg.moe
-        t = x_td.shape[0]
-        capacity = min(t, expert_capacity(t, e.top_k, e.num_experts, e.capacity_factor))
-        with jax.named_scope("dispatch"):
-            scores = jnp.where(mask_t[:, None], probs, -1.0).T  # [E, T]
-            weight_ec, token_ec = jax.lax.top_k(scores, capacity)  # [E, C]
-            weight_ec = jnp.where(weight_ec >= 0, weight_ec, 0.0)
-            xb = x_td[token_ec]  # [E, C, D]
-        with jax.named_scope("experts"):
-            yb = self.batched_experts(xb)
-        with jax.named_scope("combine"):
-            contrib = yb * weight_ec[..., None].astype(yb.dtype)
-            y = (
-                jnp.zeros_like(x_td)
-                .at[token_ec.reshape(-1)]
-                .add(contrib.reshape(-1, x_td.shape[1]))
-            )
-        # Express as per-token assignment counts for the shared statistics.
-        expert_ec = jnp.broadcast_to(jnp.arange(e.num_experts)[:, None], token_ec.shape)
-        served = jnp.zeros((t, e.num_experts), bool).at[token_ec, expert_ec].set(weight_ec > 0)
-        dropped = 1.0 - _masked_mean(served.any(-1), mask_t)
-        routing = Routing(
-            experts=jnp.where(served, jnp.arange(e.num_experts), e.num_experts),
-            weights=jnp.where(served, probs, 0.0),
+    @classmethod
+    def for_mesh(cls, mesh, specs: dict[str, P]) -> Collectives:
+        return cls(
+            tuple(specs.items()),
+            mesh.shape["expert"],
+            tuple(a for a in sharding.BATCH_AXES if mesh.shape[a] > 1),
         )
-        return y, routing, dropped
+
+    def spec(self, name: str) -> P:
+        return dict(self.specs).get(name, P())
+
+    def gather_weight(self, name: str, w):
+        """FSDP: all-gather the dimensions sharded over `fsdp` (per layer, freed after)."""
+        for dim, axes in enumerate(self.spec(name)):
+            if axes is not None and "fsdp" in ((axes,) if isinstance(axes, str) else axes):
+                w = jax.lax.all_gather(w, "fsdp", axis=dim, tiled=True)
+        return w
+
+    def tensor_sharded(self, name: str) -> bool:
+        return "tensor" in jax.tree.leaves(tuple(self.spec(name)))
+
+    def sum_batch(self, x):
+        """Sum over every device's tokens (for statistics)."""
+        return jax.lax.psum(x, self.batch_axes) if self.batch_axes else x
+
+    def expert_offset(self, n_local: int):
+        return jax.lax.axis_index("expert") * n_local if self.expert_size > 1 else 0
+
+    def gather_tokens(self, x):
+        """The expert group's tokens, in device order: [T, ...] -> [n * T, ...]."""
+        if self.expert_size == 1:
+            return x
+        return jax.lax.all_gather(x, "expert", axis=0, tiled=True)
+
+    def scatter_tokens(self, y):
+        """Sum each token's partial outputs over the expert group, back to its owner."""
+        if self.expert_size == 1:
+            return y
+        return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
 
 
-# ------------------------------------------------------------------- routing maths
+# ------------------------------------------------------------------- the layer maths
+
+
+def moe_forward(cfg: Config, coll: Collectives, w, x_td, mask_t, key=None):
+    """The MoE layer on this device's tokens; see the module docstring."""
+    e = cfg.moe
+    if key is not None and coll.batch_axes:  # distinct jitter noise for each device's tokens
+        key = jax.random.fold_in(key, jax.lax.axis_index(coll.batch_axes))
+    dtype = x_td.dtype
+    w = {n: coll.gather_weight(n, v) for n, v in w.items()}
+    n_local = w["gate"].shape[0]  # experts held here: E / mesh.expert
+    with jax.named_scope("router"):
+        logits, probs = route(cfg, w["router"], x_td, key)  # [T, E] f32
+
+    x_g, mask_g = coll.gather_tokens(x_td), coll.gather_tokens(mask_t)  # the expert group
+    offset = coll.expert_offset(n_local)
+    if e.router == "expert_choice":
+        y_g, served_g, chosen_e = expert_choice(
+            cfg, w, x_g, coll.gather_tokens(probs), mask_g, offset
+        )
+        served = coll.scatter_tokens(served_g) > 0  # [T] served by any expert of the group
+        counts = (
+            jnp.zeros((e.num_experts,), jnp.float32).at[offset + jnp.arange(n_local)].set(chosen_e)
+        )
+        counts = counts if coll.expert_size == 1 else jax.lax.psum(counts, "expert")
+        counts = counts / coll.expert_size  # psum over the batch axes below counts it n times
+        dropped_n = jnp.sum(~served & mask_t)
+        n_assign = jnp.sum(mask_t)
+    else:
+        routing = top_k_routing(probs, mask_t, e.top_k, e.renormalize)
+        counts = jnp.zeros((e.num_experts + 1,), jnp.float32).at[routing.experts].add(1.0)
+        counts = counts[: e.num_experts]
+        local = Routing(coll.gather_tokens(routing.experts), coll.gather_tokens(routing.weights))
+        local_e = local.experts - offset
+        local = local._replace(
+            experts=jnp.where((local_e >= 0) & (local_e < n_local), local_e, n_local)
+        )
+        y_g, kept = token_choice(cfg, w, x_g, local, n_local)
+        # Each assignment is handled by exactly one device of the group: sum the kept ones.
+        kept_n = jnp.sum(kept) if coll.expert_size == 1 else jax.lax.psum(jnp.sum(kept), "expert")
+        kept_n = kept_n / coll.expert_size
+        n_assign = jnp.sum(routing.experts < e.num_experts)
+        dropped_n = n_assign - kept_n
+    y = coll.scatter_tokens(y_g)  # [T, D]
+    if coll.tensor_sharded("gate"):
+        y = jax.lax.psum(y, "tensor")
+    if "shared_gate" in w:
+        y_shared = swiglu(x_td, w["shared_gate"], w["shared_up"], w["shared_down"])
+        y = y + (
+            jax.lax.psum(y_shared, "tensor") if coll.tensor_sharded("shared_gate") else y_shared
+        )
+    stats = router_stats(
+        logits,
+        probs,
+        None,
+        mask_t,
+        None,
+        counts=counts,
+        dropped_count=dropped_n,
+        n_assign=n_assign,
+        reduce=coll.sum_batch,
+    )
+    return y.astype(dtype), stats
+
+
+def route(cfg: Config, w_router, x_td, key=None):
+    """Router logits and softmax probabilities in float32: [T, E] each."""
+    x32 = x_td.astype(jnp.float32)
+    if key is not None and cfg.moe.jitter > 0:
+        eps = cfg.moe.jitter
+        x32 = x32 * jax.random.uniform(key, x32.shape, jnp.float32, 1 - eps, 1 + eps)
+    logits = x32 @ w_router.astype(jnp.float32)
+    return logits, jax.nn.softmax(logits, axis=-1)
 
 
 def top_k_routing(probs, mask_t, k: int, renormalize: bool) -> Routing:
@@ -207,22 +273,53 @@ def top_k_routing(probs, mask_t, k: int, renormalize: bool) -> Routing:
     return Routing(experts=top_e.astype(jnp.int32), weights=top_p)
 
 
-def router_stats(logits, probs, routing: Routing, mask_t, dropped) -> MoEStats:
-    """Switch load-balance loss, ST-MoE z-loss and load statistics over non-padding tokens."""
+def router_stats(
+    logits,
+    probs,
+    routing: Routing | None,
+    mask_t,
+    dropped=None,
+    *,
+    counts=None,
+    dropped_count=None,
+    n_assign=None,
+    reduce=lambda x: x,
+) -> MoEStats:
+    """Switch load-balance loss, ST-MoE z-loss and load statistics over non-padding tokens.
+
+    Every mean is a global sum divided by a global count (`reduce` sums over devices), so
+    sharded runs report the single-device numbers. Either pass `routing` (and `dropped`, a
+    fraction) or precomputed `counts` [E], `dropped_count` and `n_assign`.
+    """
     n_experts = probs.shape[-1]
     valid = mask_t.astype(jnp.float32)
-    n_tokens = jnp.maximum(valid.sum(), 1.0)
-    counts = jnp.zeros((n_experts + 1,), jnp.float32).at[routing.experts.reshape(-1)].add(1.0)
-    load = counts[:n_experts] / jnp.maximum(counts[:n_experts].sum(), 1.0)  # f_e
-    mean_prob = (probs * valid[:, None]).sum(0) / n_tokens  # P_e
+    if counts is None:
+        counts = jnp.zeros((n_experts + 1,), jnp.float32).at[routing.experts.reshape(-1)].add(1.0)
+        counts = counts[:n_experts]
+        n_assign = jnp.sum(routing.experts < n_experts)
+        dropped_count = jnp.asarray(0.0 if dropped is None else dropped) * n_assign
     lse = jax.nn.logsumexp(logits, axis=-1)
     entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-20)), axis=-1)
+    sums = reduce(
+        {
+            "tokens": valid.sum(),
+            "counts": counts,
+            "prob": (probs * valid[:, None]).sum(0),
+            "z": jnp.sum(valid * lse**2),
+            "entropy": jnp.sum(valid * entropy),
+            "dropped": jnp.asarray(dropped_count, jnp.float32),
+            "assign": jnp.asarray(n_assign, jnp.float32),
+        }
+    )
+    n_tokens = jnp.maximum(sums["tokens"], 1.0)
+    load = sums["counts"] / jnp.maximum(sums["counts"].sum(), 1.0)  # f_e
+    mean_prob = sums["prob"] / n_tokens  # P_e
     return MoEStats(
         lb_loss=n_experts * jnp.sum(load * mean_prob),
-        z_loss=jnp.sum(valid * lse**2) / n_tokens,
+        z_loss=sums["z"] / n_tokens,
         load=load,
-        dropped=jnp.asarray(dropped, jnp.float32),
-        entropy=jnp.sum(valid * entropy) / n_tokens,
+        dropped=sums["dropped"] / jnp.maximum(sums["assign"], 1.0),
+        entropy=sums["entropy"] / n_tokens,
         max_load=n_experts * jnp.max(load),
     )
 
@@ -231,9 +328,102 @@ def expert_capacity(n_tokens: int, k: int, n_experts: int, factor: float) -> int
     return max(1, math.ceil(k * n_tokens / n_experts * factor))
 
 
-def _masked_mean(x, mask):
-    mask = mask.astype(jnp.float32)
-    return jnp.sum(x.astype(jnp.float32) * mask) / jnp.maximum(mask.sum(), 1.0)
+def batched_experts(w, xb_ecd):
+    """SwiGLU of each expert on its own buffer: [E, C, D] -> [E, C, D]."""
+    dtype = xb_ecd.dtype
+    g = jnp.einsum("ecd,edf->ecf", xb_ecd, w["gate"].astype(dtype))
+    u = jnp.einsum("ecd,edf->ecf", xb_ecd, w["up"].astype(dtype))
+    return jnp.einsum("ecf,efd->ecd", jax.nn.silu(g) * u, w["down"].astype(dtype))
+
+
+# ------------------------------------------------------------------ token choice
+
+
+def token_choice(cfg: Config, w, x_td, routing: Routing, n_experts: int):
+    """Runs each assignment through its expert and combines: -> (y [T, D], kept [T, k]).
+
+    routing.experts index this device's n_experts experts; n_experts marks assignments
+    handled elsewhere (or padding).
+    """
+    e = cfg.moe
+    valid = routing.experts < n_experts
+    if e.dispatch == "capacity":
+        capacity = expert_capacity(x_td.shape[0], e.top_k, e.num_experts, e.capacity_factor)
+        rows, keep = capacity_rows(routing.experts, n_experts, capacity)
+        with jax.named_scope("dispatch"):
+            xb = gather_rows(x_td, rows, n_experts * capacity)
+        with jax.named_scope("experts"):
+            yb = batched_experts(w, xb.reshape(n_experts, capacity, -1))
+        return combine_rows(yb.reshape(n_experts * capacity, -1), rows, routing, keep), keep
+    if grouped_matmul_kind(cfg) == "ragged_dot":
+        return dropless_ragged(w, x_td, routing, n_experts), valid
+    return dropless_blocks(w, x_td, routing, n_experts, e.block_size), valid
+
+
+def dropless_blocks(w, x_td, routing: Routing, n_experts: int, block: int):
+    rows, block_expert, n_blocks = block_rows(routing.experts, n_experts, block)
+    total_rows = block_expert.shape[0] * block
+    with jax.named_scope("dispatch"):
+        xr = gather_rows(x_td, rows, total_rows)  # [N_blocks * B, D]
+    with jax.named_scope("experts"):
+        yr = block_swiglu(
+            xr.reshape(-1, block, xr.shape[-1]),
+            block_expert,
+            n_blocks,
+            w["gate"],
+            w["up"],
+            w["down"],
+        )
+    keep = routing.experts < n_experts
+    return combine_rows(yr.reshape(total_rows, -1), rows, routing, keep)
+
+
+def dropless_ragged(w, x_td, routing: Routing, n_experts: int):
+    dtype = x_td.dtype
+    n, k = routing.experts.shape
+    flat_e = routing.experts.reshape(-1)  # [A]; n_experts marks "not here"
+    order = jnp.argsort(flat_e, stable=True)
+    # ragged_dot needs every row in a group: rows for no local expert ride in the last
+    # group and get weight zero in the combine.
+    group_sizes = jnp.bincount(jnp.minimum(flat_e, n_experts - 1), length=n_experts)
+    with jax.named_scope("dispatch"):
+        xs = x_td[order // k]  # [A, D] rows sorted by expert
+    with jax.named_scope("experts"):
+        g = jax.lax.ragged_dot(xs, w["gate"].astype(dtype), group_sizes)
+        u = jax.lax.ragged_dot(xs, w["up"].astype(dtype), group_sizes)
+        ys = jax.lax.ragged_dot(jax.nn.silu(g) * u, w["down"].astype(dtype), group_sizes)
+    with jax.named_scope("combine"):
+        y_a = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)  # unsort -> [T, k, D]
+        wts = jnp.where(routing.experts < n_experts, routing.weights, 0.0)
+        return jnp.einsum("tkd,tk->td", y_a, wts.astype(dtype))
+
+
+# ----------------------------------------------------------------- expert choice
+
+
+def expert_choice(cfg: Config, w, x_td, probs, mask_t, offset):
+    """Each of this device's experts takes its top-C tokens of the group by probability.
+
+    Returns y [T, D], served [T] (experts here that took each token) and per-expert counts.
+    """
+    e = cfg.moe
+    n_local = w["gate"].shape[0]
+    t = x_td.shape[0]
+    capacity = min(t, expert_capacity(t, e.top_k, e.num_experts, e.capacity_factor))
+    with jax.named_scope("dispatch"):
+        local_p = jax.lax.dynamic_slice_in_dim(probs, offset, n_local, axis=1)  # [T, E_l]
+        scores = jnp.where(mask_t[:, None], local_p, -1.0).T  # [E_l, T]
+        weight_ec, token_ec = jax.lax.top_k(scores, capacity)  # [E_l, C]
+        taken = weight_ec >= 0
+        weight_ec = jnp.where(taken, weight_ec, 0.0)
+        xb = x_td[token_ec]  # [E_l, C, D]
+    with jax.named_scope("experts"):
+        yb = batched_experts(w, xb)
+    with jax.named_scope("combine"):
+        contrib = (yb * weight_ec[..., None].astype(yb.dtype)).reshape(-1, x_td.shape[1])
+        y = jnp.zeros_like(x_td).at[token_ec.reshape(-1)].add(contrib)
+    served = jnp.zeros((t,), jnp.float32).at[token_ec.reshape(-1)].add(taken.reshape(-1))
+    return y, served, taken.sum(-1).astype(jnp.float32)
 
 
 # -------------------------------------------------------------- index-based dispatch
@@ -242,15 +432,14 @@ def _masked_mean(x, mask):
 def _rank_within_expert(flat_e, n_experts: int):
     """Position of each assignment among those of its expert, in token-major order.
 
-    flat_e [A] (E = padding). Returns rank [A] and counts [E+1]. A stable sort keeps
+    flat_e [A] (n_experts = none). Returns rank [A] and counts [E+1]. A stable sort keeps
     token-major order inside each expert, which is the capacity priority order.
     """
     n = flat_e.shape[0]
     order = jnp.argsort(flat_e, stable=True)
     counts = jnp.bincount(flat_e, length=n_experts + 1)
     starts = jnp.cumsum(counts) - counts
-    sorted_e = flat_e[order]
-    rank_sorted = jnp.arange(n) - starts[sorted_e]
+    rank_sorted = jnp.arange(n) - starts[flat_e[order]]
     rank = jnp.zeros((n,), jnp.int32).at[order].set(rank_sorted.astype(jnp.int32))
     return rank, counts
 
@@ -267,7 +456,7 @@ def capacity_rows(experts_tk, n_experts: int, capacity: int):
 def block_rows(experts_tk, n_experts: int, block: int):
     """Dropless layout: each expert's rows padded to a multiple of `block`.
 
-    Returns rows [T, k] (index into the padded buffer; padding tokens -> one past the end),
+    Returns rows [T, k] (index into the padded buffer; unassigned -> one past the end),
     block_expert [N_blocks] (the expert of each block) and the number of blocks in use.
     N_blocks = ceil(A/block) + E is a static bound on sum_e ceil(count_e / block).
     """
@@ -285,7 +474,7 @@ def block_rows(experts_tk, n_experts: int, block: int):
     return rows.reshape(experts_tk.shape), block_expert, block_end[-1]
 
 
-def gather_rows(x_td, rows_tk, routing: Routing, n_rows: int):
+def gather_rows(x_td, rows_tk, n_rows: int):
     """Buffer [n_rows, D] whose row r holds the token assigned to r (zeros if none)."""
     t, k = rows_tk.shape
     token = jnp.broadcast_to(jnp.arange(t)[:, None], (t, k)).reshape(-1)

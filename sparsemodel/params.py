@@ -18,8 +18,11 @@ from sparsemodel.model import Transformer
 
 def abstract_params(cfg: Config, mesh: Mesh, seed: int = 0):
     """(graphdef, State of ShapeDtypeStructs carrying their NamedShardings); allocates nothing."""
-    abstract_model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)))
-    graphdef, state = nnx.split(abstract_model, nnx.Param)
+    # jax.eval_shape rather than nnx.eval_shape: the latter turns our logical axis names
+    # into mesh shardings itself, which fails under a mesh whose axes have other names.
+    graphdef, state = jax.eval_shape(
+        lambda: nnx.split(Transformer(cfg, rngs=nnx.Rngs(seed)), nnx.Param)
+    )
     shardings = sharding.state_shardings(state, mesh)
     target = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
@@ -40,3 +43,17 @@ def init_params(cfg: Config, mesh: Mesh, seed: int):
 
 def count(state) -> int:
     return sum(x.size for x in jax.tree.leaves(state))
+
+
+def init_opt_state(tx, params, mesh: Mesh):
+    """Optimizer state born sharded like the parameters it mirrors (Adam's mu and nu);
+    scalars such as the step count are replicated."""
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    param_tree = jax.tree.structure(params)
+    mirrors_params = lambda x: jax.tree.structure(x) == param_tree  # noqa: E731
+    shardings = jax.tree.map(
+        lambda x: param_shardings if mirrors_params(x) else sharding.replicated(mesh),
+        jax.eval_shape(tx.init, params),
+        is_leaf=mirrors_params,
+    )
+    return jax.jit(tx.init, out_shardings=shardings)(params)

@@ -28,7 +28,7 @@ from sparsemodel.checkpoint import Checkpointer
 from sparsemodel.config import Config, ConfigError
 from sparsemodel.model import aux_losses
 from sparsemodel.optim import make_optimizer, schedule
-from sparsemodel.params import count, init_params
+from sparsemodel.params import count, init_opt_state, init_params
 from sparsemodel.progress import Progress
 
 
@@ -145,12 +145,11 @@ def run(
     """
     t_start = time.perf_counter()
     t = cfg.train
-    is_lead = jax.process_index() == 0
 
     # --- workdir: the resolved config, checked against what earlier runs trained --------
     workdir = prepare_workdir(cfg, workdir)
 
-    # --- mesh ----------------------------------------------------------------------------
+    # --- mesh: every array and collective below lives on it ------------------------------
     mesh = sharding.make_mesh(cfg.mesh)
     batch_div = sharding.batch_divisor(mesh)
     if t.batch_size % batch_div or (t.batch_size // t.grad_accum) % batch_div:
@@ -158,6 +157,13 @@ def run(
             f"train.batch_size: {t.batch_size} (per micro-batch {t.batch_size // t.grad_accum}) "
             f"is not divisible by the {batch_div} batch shards of the mesh (data x fsdp x expert)"
         )
+    with jax.set_mesh(mesh):
+        return _train_on_mesh(cfg, workdir, mesh, stop_after, log, t_start)
+
+
+def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -> TrainResult:
+    t = cfg.train
+    is_lead = jax.process_index() == 0
 
     # --- data ----------------------------------------------------------------------------
     corpus = data_lib.load_corpus(cfg.data.source, cfg.data.val_fraction)
@@ -178,7 +184,7 @@ def run(
     # --- model and optimizer, created in their shardings ------------------------------
     graphdef, params = init_params(cfg, mesh, t.seed)
     tx = make_optimizer(t)
-    opt_state = jax.jit(tx.init)(params)  # zeros_like(params): sharded like the params
+    opt_state = init_opt_state(tx, params, mesh)
 
     # --- restore --------------------------------------------------------------------------
     ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
@@ -255,7 +261,12 @@ def run(
     wall = time.perf_counter() - t_start
     tokens_per_s = tokens_per_step / statistics.median(step_times) if step_times else 0.0
     return TrainResult(
-        last_step, loss if loss is not None else float("nan"), val_loss, tokens_per_s, wall
+        last_step,
+        loss if loss is not None else float("nan"),
+        val_loss,
+        tokens_per_s,
+        wall,
+        data_lib.byte_unigram_entropy(corpus.val),
     )
 
 
