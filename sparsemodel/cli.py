@@ -71,7 +71,17 @@ def _init_distributed(args) -> None:
         raise _UsageError(f"--process-id {args.process_id}: must be in [0, {args.num_processes})")
     # On CPU, cross-process collectives need an implementation: gloo ships with jaxlib.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    jax.distributed.initialize(
+        args.coordinator_address,
+        args.num_processes,
+        args.process_id,
+        heartbeat_timeout_seconds=PEER_TIMEOUT_S,
+    )
+
+
+# A process that stops answering for this long is declared dead; the survivors then exit
+# with an error instead of waiting forever in a collective.
+PEER_TIMEOUT_S = 20
 
 
 class _UsageError(ValueError):

@@ -1,0 +1,70 @@
+"""Worker for tests that need several (fake CPU) devices or processes.
+
+JAX fixes its device count at start-up, so these run in a subprocess:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/multidevice.py CMD JSON
+
+and print one JSON line (prefixed RESULT) that the test reads.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from sparsemodel import config, evaluate, params, sharding, train
+
+TINY = {"train.steps": 5, "train.eval_every": 1000, "train.checkpoint_every": 1000}
+
+
+def losses(workdir) -> list[float]:
+    lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x)["loss"] for x in lines]
+
+
+def train_meshes(workdir: str, meshes: dict[str, dict]) -> dict:
+    """Trains tiny on each mesh; returns losses and what each device holds of the experts."""
+    out = {}
+    for name, mesh in meshes.items():
+        cfg = config.load("tiny", {**TINY, **mesh})
+        train.run(cfg, Path(workdir) / name, log=lambda s: None)
+        out[name] = {"losses": losses(Path(workdir) / name)}
+        # What each device really holds of the born-sharded expert weights.
+        mesh_ = sharding.make_mesh(cfg.mesh)
+        _, p = params.init_params(cfg, mesh_, 0)
+        w_gate = p["units"]["blocks"][0]["ffn"]["w_gate"][...]  # [layers, E, D, F]
+        held = {}
+        for shard in w_gate.addressable_shards:
+            experts = range(w_gate.shape[1])[shard.index[1]]
+            held.setdefault(str(shard.device.id), set()).update(experts)
+        out[name]["experts_held"] = {d: sorted(e) for d, e in held.items()}
+        out[name]["num_experts"] = w_gate.shape[1]
+    return out
+
+
+def run_train(workdir: str, overrides: dict, stop_after: int | None = None) -> dict:
+    cfg = config.load("tiny", {**TINY, **overrides})
+    train.run(cfg, workdir, stop_after=stop_after, log=lambda s: None)
+    return {"losses": losses(workdir)}
+
+
+def run_eval(workdir: str, step: int | None = None) -> dict:
+    r = evaluate.restore(workdir, step)
+    res = evaluate.evaluate(r, max_tokens=8192)
+    leaves = jax.tree.leaves(r.params)
+    return {
+        "loss": res.loss,
+        "tokens": res.tokens,
+        "devices": jax.device_count(),
+        "param_sum": float(sum(np.asarray(x, np.float64).sum() for x in leaves)),
+    }
+
+
+if __name__ == "__main__":
+    command, args = sys.argv[1], json.loads(sys.argv[2])
+    result = {"train_meshes": train_meshes, "train": run_train, "eval": run_eval}[command](**args)
+    print("RESULT " + json.dumps(result))
