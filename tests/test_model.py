@@ -1,0 +1,205 @@
+"""Transformer: causality, batch independence, KV-cache decoding, layer layout, axis names.
+
+Models use the tiny preset (4 experts, top-2, dropless) and its variants.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sparsemodel import config, model
+
+VOCAB = 256  # tiny preset
+# Tests share these shapes so that models of one config reuse compiled forwards.
+BATCH, SEQ, PROMPT = 4, 10, 4
+
+
+def make_lm(seed=0, **overrides) -> model.Transformer:
+    """Transformer.from_config run abstractly (nnx.eval_shape), parameters drawn with NumPy.
+
+    Eager initialisation compiles every op anew for each new parameter shape (seconds per
+    configuration on CPU). Weights are N(0, 0.2^2), norm scales 1 + N(0, 0.1^2): at the
+    preset's init_std of 0.02 attention would be near-uniform and every token would route
+    alike, hiding position, cache and routing mistakes.
+    """
+    cfg = config.load("tiny", overrides=overrides)
+    abstract = nnx.eval_shape(lambda: model.Transformer.from_config(cfg, rngs=nnx.Rngs(seed)))
+    graphdef, state = nnx.split(abstract)
+    rng = np.random.default_rng(seed)
+
+    def draw(path, s):
+        is_scale = "'scale'" in jax.tree_util.keystr(path)
+        value = 1.0 + 0.1 * rng.normal(size=s.shape) if is_scale else rng.normal(0, 0.2, s.shape)
+        return jnp.asarray(value, jnp.float32)
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, state))
+
+
+def abstract_lm(**overrides) -> model.Transformer:
+    cfg = config.load("tiny", overrides=overrides)
+    return nnx.eval_shape(lambda: model.Transformer.from_config(cfg, rngs=nnx.Rngs(0)))
+
+
+def random_tokens(batch, seq, seed=0):
+    return jax.random.randint(jax.random.key(seed), (batch, seq), 0, VOCAB, jnp.int32)
+
+
+@nnx.jit
+def forward(lm, tokens):
+    return lm(tokens)
+
+
+@nnx.jit
+def decode(lm, tokens, positions, cache):
+    return lm.decode(tokens, positions, cache)
+
+
+def output_shapes(lm, tokens):
+    """Shapes of lm(tokens) from tracing alone (no compile; lm may be abstract)."""
+    graphdef, state = nnx.split(lm)
+    return jax.eval_shape(lambda s, t: nnx.merge(graphdef, s)(t), state, tokens)
+
+
+def n_params(module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+# ------------------------------------------------------------------------ causality
+
+
+def test_moe_model_is_causal():
+    lm = make_lm()  # tiny: 4 experts, top-2, dropless
+    tokens = random_tokens(1, SEQ)
+    base, _ = forward(lm, tokens)
+    base = np.asarray(base)
+    assert np.abs(base).max() > 0.1  # logits are not ~0, so "unchanged" means something
+    for t in (0, 3, 6, SEQ - 1):
+        changed = tokens.at[0, t].set((tokens[0, t] + 1) % VOCAB)
+        logits = np.asarray(forward(lm, changed)[0])
+        np.testing.assert_allclose(logits[:, :t], base[:, :t], rtol=0, atol=1e-6)
+        assert np.abs(logits[:, t] - base[:, t]).max() > 1e-3, f"position {t} ignored its token"
+
+
+def test_sequences_in_a_batch_are_independent():
+    lm = make_lm()
+    batch = random_tokens(BATCH, SEQ, seed=1)
+    together, stats = forward(lm, batch)
+    alone, _ = forward(lm, batch[2:3])
+    np.testing.assert_allclose(np.asarray(alone[0]), np.asarray(together[2]), rtol=0, atol=1e-5)
+    assert float(stats.dropped.max()) == 0.0  # dropless
+
+
+# ------------------------------------------------------------------------- KV cache
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({}, id="moe"),
+        pytest.param({"moe.num_experts": 0, "model.tie_embeddings": True}, id="dense_tied"),
+        pytest.param(
+            {"moe.first_dense": 1, "model.n_layers": 3}, id="first_dense", marks=pytest.mark.slow
+        ),
+        pytest.param(
+            {"model.n_layers": 4, "model.share_layers": 2},
+            id="share_layers",
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
+def test_prefill_then_decode_matches_full_forward(overrides):
+    lm = make_lm(**overrides)
+    tokens = random_tokens(BATCH, SEQ, seed=2)
+    positions = jnp.broadcast_to(jnp.arange(SEQ), (BATCH, SEQ))
+    full = np.asarray(forward(lm, tokens)[0])
+
+    cache = lm.init_cache(BATCH, SEQ + 3)  # slots past the last position stay empty
+    logits, cache = decode(lm, tokens[:, :PROMPT], positions[:, :PROMPT], cache)
+    np.testing.assert_allclose(np.asarray(logits), full[:, :PROMPT], rtol=0, atol=1e-4)
+    for t in range(PROMPT, SEQ):
+        logits, cache = decode(lm, tokens[:, t : t + 1], positions[:, t : t + 1], cache)
+        np.testing.assert_allclose(
+            np.asarray(logits[:, 0]), full[:, t], rtol=0, atol=1e-4, err_msg=f"position {t}"
+        )
+
+
+# --------------------------------------------------------------------- layer layout
+
+
+def _block_params(cfg, kind: str) -> int:
+    m, e = cfg.model, cfg.moe
+    d, dh = m.d_model, m.d_model // m.n_heads
+    attn = d * m.n_heads * dh * 2 + d * m.n_kv_heads * dh * 2  # wq, wo; wk, wv
+    norms = 2 * d
+    if kind == "dense":
+        return attn + norms + 3 * d * m.d_ff
+    return attn + norms + d * e.num_experts + 3 * e.num_experts * d * e.d_expert
+
+
+def _outer_params(cfg) -> int:
+    m = cfg.model
+    return m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2) + m.d_model
+
+
+def test_moe_every_and_first_dense_place_layers():
+    lm = abstract_lm(**{"moe.every": 2, "moe.first_dense": 1, "model.n_layers": 5})
+    cfg = lm.cfg
+    assert cfg.layer_kinds() == ["dense", "dense", "moe", "dense", "moe"]
+    logits, stats = output_shapes(lm, random_tokens(1, 6))
+    assert logits.shape == (1, 6, VOCAB)
+    for leaf in stats:
+        assert leaf.shape[0] == 2  # stats of exactly two MoE layers
+    expected = _outer_params(cfg) + 3 * _block_params(cfg, "dense") + 2 * _block_params(cfg, "moe")
+    assert n_params(lm) == expected
+
+
+def test_dense_model_has_no_stats():
+    lm = abstract_lm(**{"moe.num_experts": 0})
+    logits, stats = output_shapes(lm, random_tokens(1, 5))
+    assert stats is None
+    assert logits.shape == (1, 5, VOCAB)
+    assert n_params(lm) == _outer_params(lm.cfg) + 2 * _block_params(lm.cfg, "dense")
+    lb, z = model.aux_losses(None)
+    assert float(lb) == 0.0 and float(z) == 0.0
+
+
+def test_share_layers_reduces_unique_parameters():
+    shared = abstract_lm(**{"model.n_layers": 4, "model.share_layers": 2})
+    unshared = abstract_lm(**{"model.n_layers": 4})
+    block = _block_params(shared.cfg, "moe")
+    outer = _outer_params(shared.cfg)
+    assert n_params(unshared) == outer + 4 * block
+    assert n_params(shared) == outer + 2 * block
+
+    tokens = random_tokens(2, 6)
+    logits_s, stats_s = output_shapes(shared, tokens)
+    logits_u, stats_u = output_shapes(unshared, tokens)
+    assert logits_s.shape == logits_u.shape == (2, 6, VOCAB)
+    assert stats_s.lb_loss.shape == stats_u.lb_loss.shape == (4,)  # still 4 MoE layers run
+
+
+# ----------------------------------------------------------------------- axis names
+
+
+def test_every_parameter_has_logical_axis_names():
+    lm = abstract_lm(**{"moe.first_dense": 1, "model.n_layers": 3, "moe.num_shared": 1})
+    flat = list(nnx.to_flat_state(nnx.state(lm, nnx.Param)))
+    assert len(flat) > 10
+    seen_stacked = 0
+    for path, var in flat:
+        names = var.get_metadata()["out_sharding"]
+        ndim = var.get_value().ndim
+        assert isinstance(names, tuple), (path, names)
+        assert len(names) == ndim, (path, names, ndim)
+        assert all(n is None or isinstance(n, str) for n in names), (path, names)
+        if path[0] in ("prefix", "units"):
+            seen_stacked += 1
+            assert names[0] == "layers", (path, names)
+            assert "layers" not in names[1:], (path, names)
+        else:
+            assert "layers" not in names, (path, names)
+    assert seen_stacked > 0

@@ -1,0 +1,524 @@
+"""MoE layer against a naive dense reference: every expert on every token, then a [T, E]
+combine matrix built from the routing. All on CPU in float32 with small shapes.
+
+The reference is float64 NumPy and shares nothing with sparsemodel.moe except the weights.
+Weights are re-drawn at scale ~1/sqrt(fan_in) so outputs are O(1) and an absolute tolerance
+of 1e-5 is meaningful (the init std of 0.02 would make every output ~1e-3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sparsemodel import config, moe
+
+D_MODEL, D_EXPERT = 32, 48  # different sizes, so a transposed weight cannot go unnoticed
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def make_cfg(**moe_overrides):
+    overrides = {"model.d_model": D_MODEL, "moe.d_expert": D_EXPERT}
+    overrides.update({f"moe.{k}": v for k, v in moe_overrides.items()})
+    return config.load("tiny", overrides=overrides)
+
+
+def make_layer(seed=0, **moe_overrides) -> moe.MoE:
+    """An MoE layer with weights drawn at std 1/sqrt(fan_in), so outputs are O(1).
+
+    The layer is built abstractly (its __init__ runs under nnx.eval_shape) and the weights
+    are drawn with NumPy: eager initialisation compiles every op anew for each new shape,
+    seconds per configuration on CPU, for values the tests replace anyway.
+    """
+    cfg = make_cfg(**moe_overrides)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: moe.MoE(cfg, rngs=nnx.Rngs(seed))))
+    rng = np.random.default_rng(seed)
+
+    def draw(s):  # every weight here is [..., fan_in, fan_out]
+        return jnp.asarray(rng.normal(0.0, s.shape[-2] ** -0.5, s.shape), jnp.float32)
+
+    return nnx.merge(graphdef, jax.tree.map(draw, state))
+
+
+def tokens(n, seed=1):
+    return jax.random.normal(jax.random.key(seed), (n, D_MODEL), jnp.float32)
+
+
+# Configurations and token counts recur across tests so that compiled layers are reused.
+BLOCKS_4 = {"num_experts": 4, "top_k": 2, "grouped_matmul": "blocks", "block_size": 5}
+BLOCKS_8 = {"num_experts": 8, "top_k": 2, "grouped_matmul": "blocks", "block_size": 7}
+CAPACITY_4 = {"num_experts": 4, "top_k": 2, "dispatch": "capacity", "capacity_factor": 2.0}
+
+
+@nnx.jit
+def _apply(layer, x, mask):
+    return layer(x, mask)
+
+
+def apply(layer, x, mask=None):
+    """layer(x, mask); an all-true mask when None (one compiled function for both)."""
+    return _apply(layer, x, jnp.ones(x.shape[:1], bool) if mask is None else jnp.asarray(mask))
+
+
+# ------------------------------------------------------------------- naive reference
+
+
+def _f64(a):
+    return np.asarray(a, np.float64)
+
+
+def _swiglu(x, w_gate, w_up, w_down):
+    g, u = x @ w_gate, x @ w_up
+    return (g / (1.0 + np.exp(-g)) * u) @ w_down
+
+
+def ref_router(layer, x):
+    """logits [T, E] and the full softmax [T, E], float64."""
+    logits = _f64(x) @ _f64(layer.w_router[...])
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return logits, p / p.sum(-1, keepdims=True)
+
+
+def ref_expert_outputs(layer, x):
+    """Every expert's SwiGLU on every token: [E, T, D]."""
+    wg, wu, wd = (_f64(w[...]) for w in (layer.w_gate, layer.w_up, layer.w_down))
+    return np.stack([_swiglu(_f64(x), wg[e], wu[e], wd[e]) for e in range(wg.shape[0])])
+
+
+def ref_shared(layer, x):
+    """The always-on shared expert, 0 if the layer has none.
+
+    Two layouts are accepted: a `layer.shared` MLP, or `layer.w_shared_{gate,up,down}`.
+    """
+    shared = getattr(layer, "shared", None)
+    if shared is not None:
+        ws = shared.w_gate, shared.w_up, shared.w_down
+    elif hasattr(layer, "w_shared_gate"):
+        ws = layer.w_shared_gate, layer.w_shared_up, layer.w_shared_down
+    else:
+        return 0.0
+    return _swiglu(_f64(x), *(_f64(w[...]) for w in ws))
+
+
+def ref_topk(probs, k, renormalize):
+    """Per token: the k chosen experts (best first) and their combine weights."""
+    choices = np.argsort(-probs, axis=-1, kind="stable")[:, :k]  # [T, k]
+    weights = np.take_along_axis(probs, choices, axis=-1)
+    if k > 1 and renormalize:
+        weights = weights / weights.sum(-1, keepdims=True)
+    return choices, weights
+
+
+def dense_weights(choices, weights, n_experts, keep=None):
+    """[T, E] combine matrix from (choice, weight) pairs, skipping keep == False."""
+    t, k = choices.shape
+    w = np.zeros((t, n_experts))
+    for i in range(t):
+        for j in range(k):
+            if keep is None or keep[i, j]:
+                w[i, choices[i, j]] += weights[i, j]
+    return w
+
+
+def ref_output(layer, x, w_te):
+    return np.einsum("te,etd->td", w_te, ref_expert_outputs(layer, x)) + ref_shared(layer, x)
+
+
+def ref_token_choice(layer, x):
+    e = layer.cfg.moe
+    _, probs = ref_router(layer, x)
+    choices, weights = ref_topk(probs, e.top_k, e.renormalize)
+    return ref_output(layer, x, dense_weights(choices, weights, e.num_experts))
+
+
+# ------------------------------------------------------------ token choice, no drops
+
+
+@pytest.mark.parametrize(
+    "n_experts, k, n_tokens, block_size, n_shared",
+    [
+        (4, 2, 16, 5, 0),  # 32 assignments, block 5: does not divide
+        (4, 1, 13, 32, 1),  # one block bigger than all assignments, shared expert
+        (8, 2, 24, 7, 0),
+        (8, 1, 9, 1, 1),  # one row per block
+    ],
+)
+def test_dropless_blocks_matches_reference(n_experts, k, n_tokens, block_size, n_shared):
+    layer = make_layer(
+        num_experts=n_experts,
+        top_k=k,
+        dispatch="dropless",
+        grouped_matmul="blocks",
+        block_size=block_size,
+        num_shared=n_shared,
+    )
+    x = tokens(n_tokens)
+    y, stats = apply(layer, x)
+    np.testing.assert_allclose(np.asarray(y), ref_token_choice(layer, x), **TOL)
+    assert float(stats.dropped) == 0.0
+
+
+def test_dropless_ragged_dot_matches_reference():
+    layer = make_layer(num_experts=4, top_k=2, grouped_matmul="ragged_dot", num_shared=1)
+    x = tokens(16)
+    y, stats = apply(layer, x)
+    np.testing.assert_allclose(np.asarray(y), ref_token_choice(layer, x), **TOL)
+    assert float(stats.dropped) == 0.0
+
+
+@pytest.mark.parametrize("n_experts, k, n_shared", [(4, 2, 0), (8, 1, 1)])
+def test_capacity_without_drops_matches_reference(n_experts, k, n_shared):
+    # capacity_factor E/k makes C = T: every expert could take every token.
+    layer = make_layer(
+        num_experts=n_experts,
+        top_k=k,
+        dispatch="capacity",
+        capacity_factor=n_experts / k,
+        num_shared=n_shared,
+    )
+    x = tokens(16)
+    y, stats = apply(layer, x)
+    np.testing.assert_allclose(np.asarray(y), ref_token_choice(layer, x), **TOL)
+    assert float(stats.dropped) == 0.0
+
+
+def test_renormalize_false_keeps_softmax_weights():
+    layer = make_layer(num_experts=4, top_k=2, renormalize=False, grouped_matmul="blocks")
+    x = tokens(16)
+    y, _ = apply(layer, x)
+    _, probs = ref_router(layer, x)
+    choices, weights = ref_topk(probs, 2, renormalize=False)
+    assert np.all(weights.sum(-1) < 1.0)  # really unnormalised
+    expected = ref_output(layer, x, dense_weights(choices, weights, 4))
+    np.testing.assert_allclose(np.asarray(y), expected, **TOL)
+
+
+# ------------------------------------------------------------------ capacity drops
+
+
+def test_expert_capacity_formula():
+    assert moe.expert_capacity(16, 2, 4, 0.5) == 4  # ceil(2*16/4 * 0.5)
+    assert moe.expert_capacity(10, 1, 4, 1.25) == 4  # ceil(3.125)
+    assert moe.expert_capacity(3, 1, 8, 0.1) == 1  # never zero
+    assert moe.expert_capacity(16, 2, 4, 2.0) == 16  # factor E/k: C = T
+
+
+def test_capacity_rows_by_hand():
+    e_pad = 4  # E marks a padding token
+    experts = jnp.array([[0, 1], [0, 2], [0, 1], [e_pad, e_pad], [1, 0]], jnp.int32)
+    rows, keep = moe.capacity_rows(experts, n_experts=4, capacity=2)
+    # Token-major ranks: e0 <- (0,0) (1,0) (2,0)x (4,1)x ; e1 <- (0,1) (2,1) (4,0)x ; e2 <- (1,1).
+    # Row = e * C + rank for kept assignments, E * C = 8 for dropped and padding ones.
+    np.testing.assert_array_equal(np.asarray(rows), [[0, 2], [1, 4], [8, 3], [8, 8], [8, 8]])
+    np.testing.assert_array_equal(
+        np.asarray(keep),
+        [[True, True], [True, True], [False, True], [False, False], [False, False]],
+    )
+
+
+@pytest.mark.parametrize(
+    "n_experts, k, factor, n_shared",
+    [(4, 2, 0.5, 0), (8, 1, 1.0, 1)],
+)
+def test_capacity_drops_over_capacity_in_token_major_order(n_experts, k, factor, n_shared):
+    n_tokens = 16
+    layer = make_layer(
+        num_experts=n_experts,
+        top_k=k,
+        dispatch="capacity",
+        capacity_factor=factor,
+        num_shared=n_shared,
+    )
+    x = tokens(n_tokens, seed=3)
+    _, probs = ref_router(layer, x)
+    choices, weights = ref_topk(probs, k, renormalize=True)
+    capacity = math.ceil(k * n_tokens / n_experts * factor)
+    counts = [0] * n_experts
+    keep = np.zeros((n_tokens, k), bool)
+    for t in range(n_tokens):  # token t's choices all beat token t+1's
+        for j in range(k):
+            e = choices[t, j]
+            keep[t, j] = counts[e] < capacity
+            counts[e] += 1
+    assert not keep.all(), "the test needs some drops"
+
+    y, stats = apply(layer, x)
+    expected = ref_output(layer, x, dense_weights(choices, weights, n_experts, keep))
+    np.testing.assert_allclose(np.asarray(y), expected, **TOL)
+    np.testing.assert_allclose(float(stats.dropped), 1.0 - keep.mean(), atol=1e-6)
+
+
+# ------------------------------------------------------------------ losses and stats
+
+
+def test_lb_loss_is_one_for_uniform_router():
+    layer = make_layer(**BLOCKS_4)
+    layer.w_router[...] = jnp.zeros_like(layer.w_router[...])  # uniform probabilities
+    _, stats = apply(layer, tokens(16))
+    np.testing.assert_allclose(float(stats.lb_loss), 1.0, atol=1e-6)
+    np.testing.assert_allclose(float(stats.z_loss), math.log(4) ** 2, rtol=1e-6)
+    np.testing.assert_allclose(float(stats.entropy), math.log(4), rtol=1e-6)
+
+
+def test_lb_loss_balanced_by_hand_and_skewed():
+    n_experts, n_tokens = 4, 8
+    row = np.array([0.7, 0.1, 0.1, 0.1])
+    mask = jnp.ones((n_tokens,), bool)
+
+    # Balanced: token t prefers expert t % 4; each expert gets 2 tokens and P_e = 1/4.
+    probs = jnp.asarray(np.stack([np.roll(row, t) for t in range(n_tokens)]), jnp.float32)
+    logits = jnp.log(probs)
+    routing = moe.top_k_routing(probs, mask, 1, True)
+    stats = moe.router_stats(logits, probs, routing, mask, 0.0)
+    np.testing.assert_allclose(np.asarray(stats.load), np.full(n_experts, 0.25), atol=1e-7)
+    np.testing.assert_allclose(float(stats.lb_loss), 1.0, atol=1e-6)
+    np.testing.assert_allclose(float(stats.max_load), 1.0, atol=1e-6)
+
+    # Skewed: every token prefers expert 0 -> f = (1, 0, 0, 0), P_0 = 0.7, loss 4 * 0.7.
+    probs = jnp.asarray(np.tile(row, (n_tokens, 1)), jnp.float32)
+    routing = moe.top_k_routing(probs, mask, 1, True)
+    stats = moe.router_stats(jnp.log(probs), probs, routing, mask, 0.0)
+    np.testing.assert_allclose(float(stats.lb_loss), 2.8, rtol=1e-6)
+    np.testing.assert_allclose(float(stats.max_load), 4.0, rtol=1e-6)
+
+
+def test_lb_loss_larger_when_router_is_skewed():
+    x = tokens(16) + 1.0  # a direction shared by all tokens ...
+    layer = make_layer(**BLOCKS_4)
+    _, random_stats = apply(layer, x)
+    layer.w_router[...] = layer.w_router[...].at[:, 1].add(0.5)  # ... that expert 1 now likes
+    _, skewed_stats = apply(layer, x)
+    assert float(skewed_stats.max_load) == pytest.approx(2.0)  # e1 in every token's top 2
+    assert float(skewed_stats.lb_loss) > 1.5
+    assert float(skewed_stats.lb_loss) > float(random_stats.lb_loss) + 0.1
+
+
+def test_router_stats_match_reference():
+    n_experts, k = 8, 2
+    layer = make_layer(**BLOCKS_8)
+    x = tokens(24)
+    _, stats = apply(layer, x)
+    logits, probs = ref_router(layer, x)
+    choices, _ = ref_topk(probs, k, True)
+    load = np.bincount(choices.reshape(-1), minlength=n_experts) / choices.size
+    lse = np.log(np.exp(logits).sum(-1))
+    np.testing.assert_allclose(float(stats.z_loss), np.mean(lse**2), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(stats.load), load, atol=1e-6)
+    np.testing.assert_allclose(
+        float(stats.lb_loss), n_experts * np.sum(load * probs.mean(0)), rtol=1e-5
+    )
+    np.testing.assert_allclose(float(stats.max_load), n_experts * load.max(), rtol=1e-5)
+    entropy = -np.sum(probs * np.log(probs), -1).mean()
+    np.testing.assert_allclose(float(stats.entropy), entropy, rtol=1e-5)
+
+
+# ------------------------------------------------------------------- router gradient
+
+
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_router_gets_gradient_from_output(dispatch, k):
+    layer = make_layer(num_experts=4, top_k=k, dispatch=dispatch, renormalize=True)
+    x = tokens(16)
+    probe = jax.random.normal(jax.random.key(7), x.shape, jnp.float32)
+
+    @nnx.jit
+    def grads(layer):
+        return nnx.grad(lambda m: jnp.sum(m(x)[0] * probe))(layer)
+
+    g = np.asarray(grads(layer)["w_router"][...])
+    assert np.isfinite(g).all()
+    assert np.linalg.norm(g) > 1e-6
+
+
+def _dense_jax_reference(params, x, k):
+    """Differentiable dense reference in JAX (every expert on every token, renormalised
+    top-k combine; the choice of experts is piecewise constant, as in the layer)."""
+    probs = jax.nn.softmax(x @ params["w_router"], axis=-1)
+    top_p, top_e = jax.lax.top_k(probs, k)
+    if k > 1:
+        top_p = top_p / top_p.sum(-1, keepdims=True)
+    w_te = jnp.zeros_like(probs).at[jnp.arange(x.shape[0])[:, None], top_e].add(top_p)
+    g = jnp.einsum("td,edf->etf", x, params["w_gate"])
+    u = jnp.einsum("td,edf->etf", x, params["w_up"])
+    y_etd = jnp.einsum("etf,efd->etd", jax.nn.silu(g) * u, params["w_down"])
+    return jnp.einsum("te,etd->td", w_te, y_etd)
+
+
+def test_dropless_blocks_gradients_match_dense_reference():
+    # The block matmul has a hand-written backward pass. E=8 with few tokens: some experts
+    # get no rows, and blocks past the used ones are skipped.
+    k = 2
+    layer = make_layer(num_experts=8, top_k=k, grouped_matmul="blocks", block_size=4)
+    x = tokens(11)
+    probe = jax.random.normal(jax.random.key(8), x.shape, jnp.float32)
+    graphdef, state = nnx.split(layer)
+
+    def layer_loss(state, x):
+        return jnp.sum(nnx.merge(graphdef, state)(x)[0] * probe)
+
+    def ref_loss(params, x):
+        return jnp.sum(_dense_jax_reference(params, x, k) * probe)
+
+    names = ("w_router", "w_gate", "w_up", "w_down")
+    got_state, got_x = jax.jit(jax.grad(layer_loss, argnums=(0, 1)))(state, x)
+    params = {n: getattr(layer, n)[...] for n in names}
+    want, want_x = jax.jit(jax.grad(ref_loss, argnums=(0, 1)))(params, x)
+    for n in names:
+        got = np.asarray(got_state[n][...])
+        np.testing.assert_allclose(got, np.asarray(want[n]), **TOL, err_msg=n)
+    np.testing.assert_allclose(np.asarray(got_x), np.asarray(want_x), **TOL, err_msg="x")
+
+
+# ------------------------------------------------------------------------- padding
+
+
+# CAPACITY_4 has capacity_factor E/k: no drops, so only the mask matters.
+@pytest.mark.parametrize("overrides", [BLOCKS_4, CAPACITY_4], ids=["dropless", "capacity"])
+def test_padding_tokens_get_zero_and_are_excluded_from_stats(overrides):
+    n_experts, k, n_tokens = 4, 2, 16
+    layer = make_layer(**overrides)
+    x = tokens(n_tokens)
+    mask = np.ones(n_tokens, bool)
+    mask[[1, 5, 6, 14, 15]] = False
+    y, stats = apply(layer, x, mask)
+    y = np.asarray(y)
+
+    np.testing.assert_array_equal(y[~mask], 0.0)
+    np.testing.assert_allclose(y[mask], ref_token_choice(layer, x)[mask], **TOL)
+
+    logits, probs = ref_router(layer, x)
+    logits, probs = logits[mask], probs[mask]
+    choices, _ = ref_topk(probs, k, True)
+    load = np.bincount(choices.reshape(-1), minlength=n_experts) / choices.size
+    lse = np.log(np.exp(logits).sum(-1))
+    np.testing.assert_allclose(np.asarray(stats.load), load, atol=1e-6)
+    np.testing.assert_allclose(
+        float(stats.lb_loss), n_experts * np.sum(load * probs.mean(0)), rtol=1e-5
+    )
+    np.testing.assert_allclose(float(stats.z_loss), np.mean(lse**2), rtol=1e-5)
+    assert float(stats.dropped) == 0.0
+
+    # What a padding token holds changes nothing.
+    x2 = jnp.where(jnp.asarray(mask)[:, None], x, 100.0)
+    y2, stats2 = apply(layer, x2, mask)
+    np.testing.assert_allclose(np.asarray(y2), y, **TOL)
+    np.testing.assert_allclose(np.asarray(stats2.load), np.asarray(stats.load), atol=1e-7)
+    np.testing.assert_allclose(float(stats2.z_loss), float(stats.z_loss), rtol=1e-6)
+
+
+# --------------------------------------------------------------------- expert choice
+
+
+@pytest.mark.parametrize("n_experts, k, factor, n_shared", [(4, 2, 1.0, 0), (8, 1, 1.5, 1)])
+def test_expert_choice_matches_reference(n_experts, k, factor, n_shared):
+    n_tokens = 16
+    layer = make_layer(
+        num_experts=n_experts,
+        top_k=k,
+        router="expert_choice",
+        capacity_factor=factor,
+        num_shared=n_shared,
+    )
+    x = tokens(n_tokens, seed=5)
+    capacity = min(n_tokens, math.ceil(k * n_tokens / n_experts * factor))
+    _, probs = ref_router(layer, x)
+    w_te = np.zeros_like(probs)
+    for e in range(n_experts):  # each expert takes its top-C tokens by probability
+        chosen = np.argsort(-probs[:, e], kind="stable")[:capacity]
+        w_te[chosen, e] = probs[chosen, e]
+    assert ((w_te > 0).sum(0) == capacity).all()
+
+    y, stats = apply(layer, x)
+    np.testing.assert_allclose(np.asarray(y), ref_output(layer, x, w_te), **TOL)
+    # Every expert processed exactly C tokens: the load is C / (E * C) each.
+    np.testing.assert_allclose(np.asarray(stats.load), np.full(n_experts, 1 / n_experts), atol=1e-7)
+    unserved = 1.0 - (w_te > 0).any(-1).mean()
+    np.testing.assert_allclose(float(stats.dropped), unserved, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- cost
+
+
+def _flops(fn, *args) -> float:
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0]
+    return float(cost["flops"])
+
+
+def _trip_counted_flops(monkeypatch, fn, args, trips: int) -> float:
+    """FLOPs of fn(*args) with its scans' bodies counted once per iteration.
+
+    XLA's cost analysis counts a while-loop body once whatever its trip count, so the
+    plain number leaves out all but one block of the grouped matmul. Compiled once with
+    every scan rolled and once with two iterations per loop body (unroll=2), the difference
+    is the cost of one iteration of each loop; every loop here runs `trips` times (the
+    forward scan and its transpose over the same blocks), so the total is
+    rolled + (trips - 1) * difference. `trips` must be even (no remainder iteration).
+    """
+    assert trips % 2 == 0
+    scan = jax.lax.scan
+
+    def count(unroll):
+        monkeypatch.setattr(jax.lax, "scan", lambda *a, **kw: scan(*a, **{**kw, "unroll": unroll}))
+        try:
+            return _flops(lambda *a: fn(*a), *args)  # a new function: no trace cache hit
+        finally:
+            monkeypatch.setattr(jax.lax, "scan", scan)
+
+    rolled = count(1)
+    return rolled + (trips - 1) * (count(2) - rolled)
+
+
+@pytest.mark.slow
+def test_dropless_blocks_cost_does_not_scale_with_experts(monkeypatch):
+    # Blocks of 32 rows, as in the tiny preset; T*k/B = 256 blocks of real rows, so the
+    # static bound's E spare blocks (skipped at run time, counted by cost analysis) are small.
+    n_tokens, k, d_model, d_expert, block = 4096, 2, 32, 64, 32
+    x = jax.random.normal(jax.random.key(0), (n_tokens, d_model), jnp.float32)
+
+    def moe_flops(n_experts):
+        cfg = config.load(
+            "tiny",
+            overrides={
+                "model.d_model": d_model,
+                "moe.num_experts": n_experts,
+                "moe.top_k": k,
+                "moe.d_expert": d_expert,
+                "moe.dispatch": "dropless",
+                "moe.grouped_matmul": "blocks",
+                "moe.block_size": block,
+            },
+        )
+        graphdef, state = nnx.split(moe.MoE(cfg, rngs=nnx.Rngs(0)))
+
+        def fwd_bwd(state, x):
+            loss = lambda s, x: jnp.sum(nnx.merge(graphdef, s)(x)[0] ** 2)
+            return jax.grad(loss, argnums=(0, 1))(state, x)
+
+        n_blocks = -(-n_tokens * k // block) + n_experts  # block_rows' static bound
+        return _trip_counted_flops(monkeypatch, fwd_bwd, (state, x), n_blocks)
+
+    def dense_fwd_bwd(w, x):
+        def loss(w, x):
+            h = jax.nn.silu(x @ w[0]) * (x @ w[1])
+            return jnp.sum((h @ w[2]) ** 2)
+
+        return jax.grad(loss, argnums=(0, 1))(w, x)
+
+    width = k * d_expert
+    keys = jax.random.split(jax.random.key(1), 3)
+    shapes = [(d_model, width), (d_model, width), (width, d_model)]
+    w = [jax.random.normal(kk, s, jnp.float32) for kk, s in zip(keys, shapes, strict=True)]
+    dense = _flops(dense_fwd_bwd, w, x)
+    e8, e32 = moe_flops(8), moe_flops(32)
+
+    assert e8 >= dense, "the count must include every block's matmuls"
+    assert e32 / e8 < 1.5, (e8, e32)
+    assert e8 < 2 * dense and e32 < 2 * dense, (e8, e32, dense)
