@@ -14,6 +14,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from sparsemodel.unroll import scan_unroll
+
 
 def _block_forward(xb, wg, wu, wd):
     g = xb @ wg  # [B, F]
@@ -47,7 +49,7 @@ def _forward(x_nbd, block_expert, n_used, w_gate, w_up, w_down):
         return None, jax.lax.cond(i < n_used, compute, skip, xb)
 
     idx = jnp.arange(x_nbd.shape[0])
-    _, (y, g, u) = jax.lax.scan(one, None, (idx, x_nbd, block_expert))
+    _, (y, g, u) = jax.lax.scan(one, None, (idx, x_nbd, block_expert), unroll=scan_unroll())
     return y, g, u
 
 
@@ -85,7 +87,8 @@ def _bwd(res, dy_nbd):
 
     zeros = (jnp.zeros_like(w_gate), jnp.zeros_like(w_up), jnp.zeros_like(w_down))
     idx = jnp.arange(x_nbd.shape[0])
-    (dwg, dwu, dwd), dx = jax.lax.scan(one, zeros, (idx, x_nbd, block_expert, g_nbf, u_nbf, dy_nbd))
+    xs = (idx, x_nbd, block_expert, g_nbf, u_nbf, dy_nbd)
+    (dwg, dwu, dwd), dx = jax.lax.scan(one, zeros, xs, unroll=scan_unroll())
     return dx, None, None, dwg, dwu, dwd
 
 

@@ -22,6 +22,7 @@ from flax import nnx
 from sparsemodel.config import Config
 from sparsemodel.layers import MLP, Attention, KVCache, RMSNorm, param
 from sparsemodel.moe import MoE, MoEStats
+from sparsemodel.unroll import scan_unroll
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute everything in the backward pass
@@ -194,9 +195,11 @@ class Transformer(nnx.Module):
 
         def one_pass(x, inputs):  # one pass over the unique units
             pass_keys, pass_caches = inputs
-            return jax.lax.scan(unit_step, x, (state, pass_keys, pass_caches))
+            return jax.lax.scan(unit_step, x, (state, pass_keys, pass_caches), unroll=scan_unroll())
 
-        x, (stats, caches) = jax.lax.scan(one_pass, x, (keys, caches), length=repeats)
+        x, (stats, caches) = jax.lax.scan(
+            one_pass, x, (keys, caches), length=repeats, unroll=scan_unroll()
+        )
         stats = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), stats)
         return x, stats, caches
 
