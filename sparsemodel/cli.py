@@ -49,6 +49,22 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     distributed(e)
 
+    pr = sub.add_parser("profile", help="parameters, FLOPs, memory, MFU and routing")
+    pr.add_argument("--config", help="preset name or YAML/TOML file (default: small)")
+    pr.add_argument("--workdir", help="profile a trained workdir (its config and weights)")
+    pr.add_argument(
+        "--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE"
+    )
+    pr.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up")
+    pr.add_argument(
+        "--abstract",
+        action="store_true",
+        help="size the config on its stated mesh without allocating anything",
+    )
+    pr.add_argument("--trace", metavar="DIR", help="write a jax.profiler trace of 3 steps")
+    pr.add_argument("--plot", metavar="FILE.png", help="heat map of per-layer expert load")
+    pr.add_argument("--json", action="store_true", help="print one JSON object")
+
     g = sub.add_parser("generate", help="sample text from a checkpoint with a KV cache")
     g.add_argument("--workdir", required=True)
     g.add_argument("--step", type=int)
@@ -108,6 +124,10 @@ def _train(args) -> int:
         f"{result.train_loss:.4f}, validation loss {val}, "
         f"{result.tokens_per_s:,.0f} tokens/s; workdir {workdir}"
     )
+    print(
+        f"byte-unigram entropy of the validation split: {result.unigram_entropy:.4f} nats/token "
+        "(the loss of a model that ignores context)"
+    )
     return 0
 
 
@@ -140,6 +160,35 @@ def _generate(args) -> int:
     return 0
 
 
+def _profile(args) -> int:
+    from sparsemodel import config, evaluate, profile
+
+    overrides = config.parse_overrides(args.overrides)
+    if args.steps < 1:
+        raise _UsageError(f"--steps: must be >= 1, got {args.steps}")
+    param_state = None
+    if args.workdir:
+        if args.config:
+            raise _UsageError("--config and --workdir: give one (a workdir has its config)")
+        restored = evaluate.restore(args.workdir)
+        cfg = restored.cfg.replace(overrides) if overrides else restored.cfg
+        param_state = restored.params
+    else:
+        cfg = config.load(args.config or "small", overrides)
+    log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr))
+    report = profile.profile(
+        cfg,
+        param_state=param_state,
+        steps=args.steps,
+        trace_dir=args.trace,
+        plot=args.plot,
+        abstract=args.abstract,
+        log=log,
+    )
+    print(json.dumps(report) if args.json else profile.format_report(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from sparsemodel.checkpoint import CheckpointError
@@ -148,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     from sparsemodel.train import TrainingError
 
     try:
-        return {"train": _train, "eval": _eval, "generate": _generate}[args.command](args)
+        return {"train": _train, "eval": _eval, "generate": _generate, "profile": _profile}[
+            args.command
+        ](args)
     except (ConfigError, DataError, CheckpointError, _UsageError) as e:
         print(f"sparsemodel: error: {e}", file=sys.stderr)
         return 2

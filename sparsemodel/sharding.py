@@ -12,7 +12,7 @@ import math
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from sparsemodel.config import ConfigError, MeshConfig
 
@@ -56,6 +56,12 @@ def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(mesh_cfg, len(devices))
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def abstract_mesh(mesh_cfg: MeshConfig) -> AbstractMesh:
+    """A mesh of the stated sizes without devices (a -1 counts as 1): for sizing only."""
+    sizes = tuple(max(1, getattr(mesh_cfg, a)) for a in MESH_AXES)
+    return AbstractMesh(sizes, MESH_AXES)
 
 
 def logical_to_spec(names: tuple[str | None, ...] | None) -> PartitionSpec:

@@ -23,7 +23,7 @@ from flax import nnx
 
 from sparsemodel import config as config_lib
 from sparsemodel import data as data_lib
-from sparsemodel import sharding
+from sparsemodel import flops, hardware, sharding
 from sparsemodel.checkpoint import Checkpointer
 from sparsemodel.config import Config, ConfigError
 from sparsemodel.model import aux_losses
@@ -208,6 +208,9 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
         log(line)
 
     # --- the loop ---------------------------------------------------------------------------
+    # MFU: model FLOPs (PaLM convention) against the devices' peak (measured on CPU).
+    flops_per_step = flops.model_flops_per_token(cfg) * t.batch_size * t.seq_len
+    peak = hardware.peak_flops_per_device()[0] * mesh.size
     last_step = t.steps if stop_after is None else min(t.steps, start + stop_after)
     tokens_per_step = t.batch_size * t.seq_len
     progress = Progress(t.steps, start, every=t.log_every)
@@ -230,11 +233,13 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
                     f"stopped. Last good checkpoint: {last if last is not None else 'none'} "
                     "(try a lower train.lr)"
                 )
-            tokens_per_s = tokens_per_step / statistics.median(step_times[-20:])
+            step_s = statistics.median(step_times[-20:])
+            tokens_per_s = tokens_per_step / step_s
             record = {
                 "step": step,
                 **{k: _json(v) for k, v in m.items()},
                 "tokens_per_s": tokens_per_s,
+                "mfu": flops_per_step / step_s / peak,
             }
             if step % t.eval_every == 0 or step == t.steps:
                 val_loss, _ = evaluate_batches(eval_step, params, val_batches(), mesh)
@@ -246,7 +251,13 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             progress.update(
-                step, {"loss": loss, "lr": float(m["lr"]), "tok/s": round(tokens_per_s)}
+                step,
+                {
+                    "loss": loss,
+                    "lr": float(m["lr"]),
+                    "tok/s": round(tokens_per_s),
+                    "mfu": f"{record['mfu']:.1%}",
+                },
             )
             if step % t.checkpoint_every == 0 or step == last_step:
                 ckpt.save(
@@ -310,12 +321,12 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 def startup_report(cfg, mesh, params, opt_state, compiled, corpus) -> list[str]:
     mem = compiled.memory_analysis()
     mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
-    n_params = count(params)
+    n_params, active = count(params), flops.param_counts(cfg).active_per_token
     shape = " x ".join(f"{a}={s}" for a, s in mesh.shape.items())
     lines = [
         f"mesh: {shape} ({mesh.size} {jax.devices()[0].platform} device(s), "
         f"{jax.process_count()} process(es))",
-        f"parameters: {n_params:,} total, {active_params(cfg):,} active per token; per device "
+        f"parameters: {n_params:,} total, {active:,} active per token; per device "
         f"{mib(sharding.bytes_per_device(params))} params + "
         f"{mib(sharding.bytes_per_device(opt_state))} optimizer state",
     ]
@@ -329,23 +340,6 @@ def startup_report(cfg, mesh, params, opt_state, compiled, corpus) -> list[str]:
         f"{len(corpus.val):,} validation tokens"
     )
     return lines
-
-
-def active_params(cfg: Config) -> int:
-    """Parameters used per token: attention, dense MLPs, router, k routed + shared experts,
-    norms and the unembedding (the embedding lookup is not a matmul and is excluded)."""
-    m, e = cfg.model, cfg.moe
-    d, dh = m.d_model, m.d_model // m.n_heads
-    attn = d * dh * (2 * m.n_heads + 2 * m.n_kv_heads)
-    total = 0
-    for kind in cfg.layer_kinds():
-        ffn = (
-            3 * d * m.d_ff
-            if kind == "dense"
-            else (d * e.num_experts + 3 * d * e.d_expert * (e.top_k + e.num_shared))
-        )
-        total += attn + ffn + 2 * d
-    return total + d + d * m.vocab_size
 
 
 def _json(v):

@@ -10,8 +10,12 @@ import time
 
 import pytest
 
-from sparsemodel import cli, config
-from sparsemodel.train import active_params  # also pre-imports JAX for the CLI timing test
+from sparsemodel import (
+    cli,
+    config,
+    train,  # noqa: F401  (pre-imports JAX for the CLI timing test)
+)
+from sparsemodel.flops import param_counts
 
 PRESETS = ["tiny", "small", "small-dense"]
 
@@ -31,7 +35,8 @@ def test_small_and_small_dense_match_in_active_params_up_to_the_router():
     assert small.is_moe and not dense.is_moe
     m, e = small.model, small.moe
     router = m.n_layers * m.d_model * e.num_experts
-    assert active_params(small) - active_params(dense) == router
+    active = lambda c: param_counts(c).active_per_token  # noqa: E731
+    assert active(small) - active(dense) == router
 
 
 def test_load_defaults_to_small():

@@ -1,0 +1,98 @@
+"""Parameter and FLOP accounting against hand-computed numbers and XLA's own count."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sparsemodel import cli, config, flops, profile
+
+
+def test_tiny_parameter_counts_by_hand():
+    # tiny: d=64, 2 layers, 4 heads of 16, 2 kv heads, vocab 256, 4 experts of width 64, top-2
+    attention = 64 * 16 * (2 * 4 + 2 * 2)  # wq, wo: 4 heads; wk, wv: 2 kv heads = 12,288
+    experts = 3 * 64 * 64 * 4  # gate, up, down of 4 experts = 49,152
+    router, norms = 64 * 4, 2 * 64
+    layer = attention + experts + router + norms  # 61,824
+    embeddings = 2 * 256 * 64  # untied embedding + unembedding
+    c = flops.param_counts(config.load("tiny"))
+    assert c.total == c.unique == 2 * layer + 64 + embeddings == 156_480
+    active_layer = attention + router + norms + 3 * 64 * 64 * 2  # two experts per token
+    assert c.active_per_token == 2 * active_layer + 64 + 256 * 64 == 90_944
+    assert c.embedding == embeddings
+    assert c.breakdown["experts"] == 2 * experts
+
+
+def test_small_parameter_counts_by_hand():
+    # small: d=256, 4 layers, 4 heads of 64, vocab 256, 8 experts of width 512, top-2
+    attention = 256 * 64 * 16  # 262,144
+    layer = attention + 3 * 256 * 512 * 8 + 256 * 8 + 2 * 256  # 3,410,432
+    c = flops.param_counts(config.load("small"))
+    assert c.total == 4 * layer + 256 + 2 * 256 * 256 == 13_773_056
+    active_layer = attention + 3 * 256 * 512 * 2 + 256 * 8 + 2 * 256
+    assert c.active_per_token == 4 * active_layer + 256 + 256 * 256 == 4_270_336
+    dense = flops.param_counts(config.load("small-dense"))
+    assert dense.active_per_token == dense.total - 256 * 256  # all but the embedding lookup
+    # Equal active compute: small and small-dense differ by the router only.
+    assert c.active_per_token - dense.active_per_token == 4 * 256 * 8
+
+
+def test_sharing_keeps_flops_and_cuts_unique_parameters():
+    base = config.load("tiny", {"model.n_layers": 4})
+    shared = config.load("tiny", {"model.n_layers": 4, "model.share_layers": 2})
+    a, b = flops.param_counts(base), flops.param_counts(shared)
+    assert a.total == b.total and b.unique < a.unique
+    layer = a.breakdown["attention"] // 4 + a.breakdown["experts"] // 4
+    assert a.unique - b.unique == 2 * (layer + 64 * 4 + 2 * 64)
+    assert flops.model_flops_per_token(base) == flops.model_flops_per_token(shared)
+
+
+def test_model_flops_formula():
+    cfg = config.load("tiny")
+    c = flops.param_counts(cfg)
+    matmul = c.active_per_token - (2 * 64 * 2 + 64)  # norms do no matmul
+    attention = 6 * 2 * 32 * 4 * 16  # 6 L S H dh
+    assert flops.model_flops_per_token(cfg) == 6 * matmul + attention
+
+
+@pytest.mark.slow
+def test_compiled_flops_agree_with_model_flops_on_a_dense_config():
+    cfg = config.load("small-dense", {"train.batch_size": 4, "train.steps": 10})
+    r = profile.profile(cfg, steps=1)
+    ratio = r["compiled"]["hw_model_flops_ratio"]
+    # XLA also computes the masked half of causal attention: a few percent here.
+    assert 0.95 < ratio < 1.10, ratio
+    assert r["params"]["counted_from_arrays"] == r["params"]["unique"]
+    assert r["measured"]["mfu"] > 0 and r["measured"]["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_moe_small_compiled_flops_stay_near_model_flops(tmp_path):
+    cfg = config.load("small")  # the preset as users run it
+    plot = tmp_path / "load.png"
+    r = profile.profile(cfg, steps=1, plot=str(plot))
+    ratio = r["compiled"]["hw_model_flops_ratio"]
+    # E/k = 4 would mean every expert runs on every token.
+    assert ratio < 1.35, ratio
+    assert r["params"]["counted_from_arrays"] == r["params"]["unique"]
+    routing = r["routing"]
+    assert len(routing["load"]) == 4 and len(routing["load"][0]) == 8
+    for load in routing["load"]:
+        assert abs(sum(load) - 1.0) < 1e-5
+    assert plot.stat().st_size > 1000
+    text = profile.format_report(r)
+    assert "hw / model FLOPs" in text and "MFU" in text
+
+
+def test_abstract_gpt4_scale_profile_without_allocating(capsys):
+    rc = cli.main(["profile", "--config", "gpt4-scale", "--abstract", "--json"])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out)
+    assert abs(r["params"]["total"] - 1.76e12) / 1.76e12 < 0.02
+    assert r["params"]["counted_from_shapes"] == r["params"]["unique"]
+    assert r["mesh"] == {"data": 16, "fsdp": 8, "expert": 16, "tensor": 8}
+    per_device = r["memory"]["params_bytes_per_device"]
+    # Experts split 16 x 8 x 8 ways, everything else at least 8 x 8 ways (fsdp x tensor).
+    assert per_device < 4 * r["params"]["total"] / 64
+    assert r["params"]["active_per_token"] < r["params"]["total"] / 5
