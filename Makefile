@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 WORKDIR ?= runs/small
 
-.PHONY: install train test test-fast lint format clean
+.PHONY: install train test test-fast bench lint format clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: install
 
 test-fast: install
 	$(BIN)/pytest -q -m 'not slow'
+
+# Ratios measured in one run (MoE vs dense step and layer, expert scaling, FLOPs, MFU, decode).
+bench: install
+	$(BIN)/python experiments/bench.py
 
 lint: install
 	$(BIN)/ruff check .

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -201,11 +202,20 @@ def main(argv: list[str] | None = None) -> int:
             args.command
         ](args)
     except (ConfigError, DataError, CheckpointError, _UsageError) as e:
-        print(f"sparsemodel: error: {e}", file=sys.stderr)
-        return 2
+        return _exit(2, f"sparsemodel: error: {e}")
     except TrainingError as e:
-        print(f"sparsemodel: training stopped: {e}", file=sys.stderr)
-        return 1
+        return _exit(1, f"sparsemodel: training stopped: {e}")
+
+
+def _exit(code: int, message: str) -> int:
+    print(message, file=sys.stderr, flush=True)
+    if "jax" in sys.modules and sys.modules["jax"].process_count() > 1:
+        # A clean exit would wait in jax.distributed's shutdown barrier for peers that are
+        # themselves waiting in a collective for us: leave now, so they see this process
+        # gone (heartbeat timeout) and stop too.
+        sys.stdout.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

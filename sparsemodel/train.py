@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,6 +218,7 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
     progress = Progress(t.steps, start, every=t.log_every)
     step_times: list[float] = []
     loss = val_loss = None
+    stop = StopRequest()  # SIGTERM / SIGINT: checkpoint this step, then exit cleanly
     with metrics_path.open("a") if is_lead else open("/dev/null", "w") as metrics_file:
         for step in range(start + 1, last_step + 1):
             batch = sharding.put_batch(next(train_iter), mesh)
@@ -259,13 +262,18 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
                     "mfu": f"{record['mfu']:.1%}",
                 },
             )
-            if step % t.checkpoint_every == 0 or step == last_step:
+            if step % t.checkpoint_every == 0 or step == last_step or stop.signal:
                 ckpt.save(
                     step,
                     params,
                     opt_state,
                     {"step": step, "data": train_iter.get_state(), "seed": t.seed},
                 )
+            if stop.signal:
+                progress.message(f"signal {stop.signal}: saved step {step}, stopping")
+                last_step = step
+                break
+    stop.release()
     progress.close()
     ckpt.wait()
     ckpt.close()
@@ -284,6 +292,28 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
 # ------------------------------------------------------------------------- helpers
 
 
+class StopRequest:
+    """Turns the first SIGTERM or SIGINT into a request the loop polls after each step (so
+    it checkpoints the step and exits cleanly); a second signal acts as usual."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, _frame):
+        self.signal = signum
+        self.release()
+
+    def release(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+
 def prepare_workdir(cfg: Config, workdir: str | Path) -> Path:
     """Creates the workdir, refuses a config whose shapes differ from its checkpoints', and
     writes the resolved config.yaml."""
@@ -292,7 +322,7 @@ def prepare_workdir(cfg: Config, workdir: str | Path) -> Path:
         raise ConfigError(f"--workdir {workdir}: exists and is not a directory")
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write-test"
+        probe = workdir / f".write-test-{jax.process_index()}"  # one per process: no race
         probe.write_text("")
         probe.unlink()
     except OSError as e:

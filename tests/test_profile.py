@@ -34,6 +34,9 @@ def test_small_parameter_counts_by_hand():
     assert c.active_per_token == 4 * active_layer + 256 + 256 * 256 == 4_270_336
     dense = flops.param_counts(config.load("small-dense"))
     assert dense.active_per_token == dense.total - 256 * 256  # all but the embedding lookup
+    # A dense model with tied embeddings uses every parameter for every token.
+    tied = flops.param_counts(config.load("small-dense", {"model.tie_embeddings": True}))
+    assert tied.active_per_token == tied.total == dense.total - 256 * 256
     # Equal active compute: small and small-dense differ by the router only.
     assert c.active_per_token - dense.active_per_token == 4 * 256 * 8
 

@@ -135,7 +135,7 @@ def test_two_processes_match_one_process(tmp_path):
     reference = worker("train", 8, workdir=str(tmp_path / "one"), overrides=mesh)
     port = _free_port()
     procs = [_launch(tmp_path / "two", i, port, overrides) for i in (0, 1)]
-    outs = [p.communicate(timeout=600) for p in procs]
+    outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()

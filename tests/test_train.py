@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -195,3 +197,38 @@ def test_command_line_train_eval_generate(tmp_path):
     assert bad.stderr.strip().splitlines() == [
         "sparsemodel: error: --step 5: no such checkpoint (have: 3, 6)"
     ]
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_current_step_and_exits_cleanly(tmp_path):
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sparsemodel.cli",
+            "train",
+            "--config",
+            "tiny",
+            "--workdir",
+            str(workdir),
+            "--set",
+            "train.steps=100000",
+            "train.checkpoint_every=100000",
+            "train.eval_every=100000",
+            "train.log_every=1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    last = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert Checkpointer(workdir).latest_step() == last  # the step it was on, saved

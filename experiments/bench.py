@@ -1,0 +1,187 @@
+"""Benchmark suite: what routing costs, as ratios measured in one run (`make bench`).
+
+This machine is shared and noisy (+-10-15% run to run), so every comparison runs its
+variants in one process, alternating, and reports medians; the ratios are the evidence,
+not any absolute time. Prints a table, then one line of JSON with the named figures.
+
+    python experiments/bench.py [--repeats N] [--skip-peers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sparsemodel import config, evaluate, flops, hardware, optim, params, sharding, train
+from sparsemodel.moe import MoE
+from sparsemodel.profile import profile
+
+
+def _train_step_runner(cfg):
+    """A compiled train step on a fixed batch: a zero-argument callable timing one step."""
+    mesh = sharding.make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh):
+        graphdef, p = params.init_params(cfg, mesh, 0)
+        tx = optim.make_optimizer(cfg.train)
+        o = params.init_opt_state(tx, p, mesh)
+        rng = np.random.default_rng(0)
+        batch = sharding.put_batch(
+            rng.integers(0, 256, (cfg.train.batch_size, cfg.train.seq_len + 1), np.int32), mesh
+        )
+        step = jax.jit(train.make_train_step(graphdef, cfg, tx), donate_argnums=(0, 1))
+        compiled = step.lower(p, o, batch, jnp.int32(1)).compile()
+    state = {"p": p, "o": o}
+
+    def run():
+        t0 = time.perf_counter()
+        state["p"], state["o"], m = compiled(state["p"], state["o"], batch, jnp.int32(1))
+        jax.block_until_ready(m)
+        return time.perf_counter() - t0
+
+    run()  # warm-up
+    return run
+
+
+def _layer_runner(cfg, tokens: int):
+    """fwd+bwd of one FFN layer (MoE or dense SwiGLU of width k * d_expert) on [T, D]."""
+    x = jax.random.normal(jax.random.key(1), (tokens, cfg.model.d_model), jnp.float32)
+    if cfg.is_moe:
+        layer = MoE(cfg, rngs=nnx.Rngs(0))
+        w = layer.weights()
+
+        def loss(w, x):
+            from sparsemodel.moe import Collectives, moe_forward
+
+            y, stats = moe_forward(cfg, Collectives(), w, x, jnp.ones((tokens,), bool))
+            return jnp.sum(y * y) + stats.lb_loss
+    else:
+        d, f = cfg.model.d_model, cfg.moe.top_k * cfg.moe.d_expert
+        k = jax.random.split(jax.random.key(2), 3)
+        w = {"gate": 0.02 * jax.random.normal(k[0], (d, f)),
+             "up": 0.02 * jax.random.normal(k[1], (d, f)),
+             "down": 0.02 * jax.random.normal(k[2], (f, d))}
+
+        def loss(w, x):
+            from sparsemodel.layers import swiglu
+
+            y = swiglu(x, w["gate"], w["up"], w["down"])
+            return jnp.sum(y * y)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    jax.block_until_ready(grad(w, x))
+
+    def run():
+        t0 = time.perf_counter()
+        jax.block_until_ready(grad(w, x))
+        return time.perf_counter() - t0
+
+    return run
+
+
+def alternate(runners: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each runner, calling them in turn `repeats` times."""
+    times = {k: [] for k in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            times[name].append(run())
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _decode_tokens_per_s(workdir_cfg, batch: int, new_tokens: int = 64) -> float:
+    lm = nnx.merge(*params.init_params(workdir_cfg, sharding.make_mesh(workdir_cfg.mesh), 0))
+    prompt = jnp.ones((batch, 16), jnp.int32)
+    key = jax.random.key(0)
+    jax.block_until_ready(evaluate.sample(lm, prompt, new_tokens, 0.8, 0, key))
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        jax.block_until_ready(evaluate.sample(lm, prompt, new_tokens, 0.8, 0, key))
+        times.append(time.perf_counter() - t0)
+    return batch * new_tokens / statistics.median(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--skip-peers", action="store_true")
+    args = ap.parse_args(argv)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    figures: dict[str, float | str | None] = {}
+    rows: list[tuple[str, str, str]] = []
+
+    small, dense = config.load("small"), config.load("small-dense")
+    log("1/6 train step: small (MoE) vs small-dense ...")
+    t = alternate({"moe": _train_step_runner(small), "dense": _train_step_runner(dense)},
+                  args.repeats)
+    figures["moe_dense_step_ratio"] = t["moe"] / t["dense"]
+    rows.append(("moe_dense_step_ratio", f"{t['moe'] * 1e3:.0f} / {t['dense'] * 1e3:.0f} ms",
+                 "<= 1.20"))
+
+    log("2/6 one FFN layer fwd+bwd: MoE (8 experts, top-2) vs dense of equal active width ...")
+    tokens = small.train.batch_size * small.train.seq_len
+    t = alternate({"moe": _layer_runner(small, tokens),
+                   "dense": _layer_runner(small.replace({"moe.num_experts": 0}), tokens)},
+                  args.repeats)
+    figures["moe_dense_layer_ratio"] = t["moe"] / t["dense"]
+    rows.append(("moe_dense_layer_ratio", f"{t['moe'] * 1e3:.1f} / {t['dense'] * 1e3:.1f} ms",
+                 "<= 1.30"))
+
+    log("3/6 train step with 32 experts vs 4 experts (top-2, same active parameters) ...")
+    t = alternate({"e32": _train_step_runner(small.replace({"moe.num_experts": 32})),
+                   "e4": _train_step_runner(small.replace({"moe.num_experts": 4}))},
+                  args.repeats)
+    figures["expert_scaling_ratio"] = t["e32"] / t["e4"]
+    rows.append(("expert_scaling_ratio", f"{t['e32'] * 1e3:.0f} / {t['e4'] * 1e3:.0f} ms",
+                 "<= 1.15"))
+
+    log("4/6 compiled vs model FLOPs of the small train step ...")
+    r = profile(small, steps=1)
+    figures["hw_model_flops_ratio"] = r["compiled"]["hw_model_flops_ratio"]
+    rows.append(("hw_model_flops_ratio", f"{r['compiled']['flops_per_step']:.3g} FLOP/step",
+                 "<= 1.35"))
+
+    log("5/6 MFU at d_model 512 against this CPU's measured matmul peak ...")
+    wide = {"model.d_model": 512, "model.n_heads": 8, "model.n_kv_heads": 8,
+            "model.d_ff": 2048, "moe.d_expert": 1024, "train.batch_size": 8}
+    peak, source = hardware.peak_flops_per_device()
+    runners = {"dense": _train_step_runner(dense.replace(wide)),
+               "moe": _train_step_runner(small.replace(wide))}
+    t = alternate(runners, max(3, args.repeats // 2))
+    for name, base in (("dense", dense), ("moe", small)):
+        c = base.replace(wide)
+        step_flops = flops.model_flops_per_token(c) * c.train.batch_size * c.train.seq_len
+        figures[f"mfu_{name}"] = step_flops / t[name] / peak
+    rows.append(("mfu_dense / mfu_moe",
+                 f"{figures['mfu_dense']:.1%} / {figures['mfu_moe']:.1%} of {peak / 1e9:.0f} "
+                 "GFLOP/s", ">= 50% / >= 40%"))
+
+    log("6/6 KV-cache decoding, small, batch 1 and 16 ...")
+    figures["decode_tokens_per_s_b1"] = _decode_tokens_per_s(small, 1)
+    figures["decode_tokens_per_s_b16"] = _decode_tokens_per_s(small, 16)
+    rows.append(("decode_tokens_per_s", f"{figures['decode_tokens_per_s_b1']:.0f} (b1) / "
+                 f"{figures['decode_tokens_per_s_b16']:.0f} (b16)", "report"))
+
+    figures["hf_mixtral_speedup"] = None
+    rows.append(("hf_mixtral_speedup", "not measured: the `peers` extra (torch, transformers) "
+                 "is not part of this suite yet", ">= 1.25"))
+
+    figures["peak_source"] = source
+    print(f"{'figure':<24} {'measured':<48} target")
+    for name, measured, target in rows:
+        value = figures.get(name)
+        shown = f"{value:.3f}  " if isinstance(value, float) else ""
+        print(f"{name:<24} {shown + measured:<48} {target}")
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
