@@ -64,10 +64,33 @@ class Checkpointer:
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, FileNotFoundError, KeyError) as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise CheckpointError(f"checkpoint step {step}: cannot restore ({reason})") from e
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds on bad files
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"checkpoint step {step} is damaged or incomplete: {reason}"
+            ) from e
         return out["params"], out.get("opt_state"), out["meta"]
+
+    def restore_newest_good(self, abstract_params, abstract_opt_state, warn):
+        """(step, params, opt_state, meta) of the newest checkpoint that restores, or None.
+
+        A damaged newer step is renamed to `<step>.damaged` (kept for inspection, out of
+        Orbax's way) and the previous one is tried; nothing is deleted.
+        """
+        for step in reversed(self.steps()):
+            try:
+                return (step, *self.restore(step, abstract_params, abstract_opt_state))
+            except CheckpointError as e:
+                warn(f"warning: {e}; resuming from the previous checkpoint instead")
+                self._set_aside(step)
+        return None
+
+    def _set_aside(self, step: int) -> None:
+        if jax.process_index() == 0:
+            src = self.directory / str(step)
+            if src.exists():
+                src.rename(self.directory / f"{step}.damaged")
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -190,9 +190,10 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
 
     # --- restore --------------------------------------------------------------------------
     ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
-    start = ckpt.latest_step() or 0
-    if start:
-        params, opt_state, meta = ckpt.restore(start, params, opt_state)
+    start = 0
+    restored = ckpt.restore_newest_good(params, opt_state, warn=log)
+    if restored is not None:
+        start, params, opt_state, meta = restored
         train_iter.set_state(meta["data"])
         log(f"resumed from {workdir}/checkpoints/{start}")
     metrics_path = workdir / "metrics.jsonl"
