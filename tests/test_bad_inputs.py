@@ -1,0 +1,215 @@
+"""Every bad input gets one line naming what is wrong, and exit status 2.
+
+The table reads as documentation: the command line, then the exact line it prints (after
+"sparsemodel: error: "). `{w}` is a trained workdir, `{t}` a scratch directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sparsemodel import cli, config, train
+
+BAD = [
+    # --- config keys and values
+    ("train --config tiny --set model.foo=1", "model.foo: unknown key"),
+    (
+        "train --config tiny --set foo.bar=1",
+        "foo: unknown config section (model, moe, train, data, mesh)",
+    ),
+    (
+        "train --config tiny --set moe.top_k",
+        "--set 'moe.top_k': expected key=value, e.g. moe.top_k=2",
+    ),
+    (
+        "train --config tiny --set model.d_model=abc",
+        "model.d_model: expected an integer, got 'abc'",
+    ),
+    (
+        "train --config tiny --set model.d_model=64.5",
+        "model.d_model: expected an integer, got 64.5",
+    ),
+    (
+        "train --config tiny --set model.tie_embeddings=maybe",
+        "model.tie_embeddings: expected true or false, got 'maybe'",
+    ),
+    ("train --config tiny --set model.d_model=0", "model.d_model: must be positive, got 0"),
+    ("train --config tiny --set model.n_layers=-2", "model.n_layers: must be positive, got -2"),
+    ("train --config tiny --set train.batch_size=0", "train.batch_size: must be positive, got 0"),
+    ("train --config tiny --set train.seq_len=1", "train.seq_len: must be >= 2, got 1"),
+    ("train --config tiny --set train.lr=-1", "train.lr: must be positive, got -1.0"),
+    ("train --config tiny --set moe.top_k=5", "moe.top_k: 5 exceeds moe.num_experts=4"),
+    (
+        "train --config tiny --set moe.capacity_factor=0",
+        "moe.capacity_factor: must be positive, got 0.0",
+    ),
+    (
+        "train --config tiny --set moe.router=hash",
+        "moe.router: 'hash' is not one of topk, expert_choice",
+    ),
+    (
+        "train --config tiny --set model.n_heads=3",
+        "model.d_model: 64 is not divisible by model.n_heads=3",
+    ),
+    (
+        "train --config tiny --set model.n_kv_heads=3",
+        "model.n_heads: 4 is not divisible by model.n_kv_heads=3",
+    ),
+    (
+        "train --config tiny --set moe.every=3",
+        "moe.every: model.n_layers - moe.first_dense = 2 is not a multiple of 3",
+    ),
+    (
+        "train --config tiny --set mesh.data=-1 mesh.expert=-1",
+        "mesh.expert: only one axis may be -1",
+    ),
+    (
+        "train --config tiny --set mesh.data=2",
+        "mesh: data=2 x fsdp=1 x expert=1 x tensor=1 = 2 devices, but 1 are present",
+    ),
+    (
+        "train --config tiny --set train.batch_size=6 train.grad_accum=4",
+        "train.batch_size: 6 is not divisible by train.grad_accum=4",
+    ),
+    # --- config files
+    (
+        "train --config nope",
+        "--config nope: not a file and not a preset (gpt4-scale, small, small-dense, tiny)",
+    ),
+    ("train --config {t}/missing.yaml", "--config {t}/missing.yaml: no such file"),
+    (
+        "train --config {t}/bad.yaml",
+        "config file {t}/bad.yaml: not valid YAML/TOML (while parsing a flow sequence)",
+    ),
+    (
+        "train --config {t}/bad.toml",
+        "config file {t}/bad.toml: not valid YAML/TOML (Expected "
+        "'=' after a key in a key/value pair (at line 1, column 7))",
+    ),
+    (
+        "train --config {t}/evil.yaml",
+        "config file {t}/evil.yaml: not valid YAML/TOML (could not determine a constructor "
+        "for the tag 'tag:yaml.org,2002:python/object/apply:os.system')",
+    ),
+    (
+        "train --config {t}/list.yaml",
+        "config file {t}/list.yaml: expected a mapping of sections, got [1, 2]",
+    ),
+    # --- data
+    (
+        "train --config tiny --set data.source={t}/none.txt",
+        "data.source: {t}/none.txt does not exist",
+    ),
+    ("train --config tiny --set data.source={t}/empty.txt", "data.source: {t}/empty.txt is empty"),
+    (
+        "train --config tiny --set data.source={t}/emptydir",
+        "data.source: directory {t}/emptydir holds no files",
+    ),
+    (
+        "train --config tiny --set data.source={t}/short.txt",
+        "data.source: the train split of "
+        "{t}/short.txt has 95 tokens, too few for 8 window(s) of train.seq_len=32",
+    ),
+    (
+        "train --config tiny --set data.source={t}/floats.npy",
+        "data.source: {t}/floats.npy holds float64, not integer tokens",
+    ),
+    (
+        "train --config tiny --set data.source={t}/big.npy",
+        "data.source: {t}/big.npy holds token id 999, outside model.vocab_size=256",
+    ),
+    # --- workdirs
+    (
+        "train --config tiny --workdir {t}/a-file",
+        "--workdir {t}/a-file: exists and is not a directory",
+    ),
+    (
+        "train --config tiny --workdir /proc/sparsemodel-test",
+        "--workdir /proc/sparsemodel-test: not writable (No such file or directory)",
+    ),
+    (
+        "eval --workdir {t}/emptydir",
+        "--workdir {t}/emptydir: no config.yaml (not a sparsemodel workdir)",
+    ),
+    ("eval --workdir {t}/nowhere", "--workdir {t}/nowhere: not a directory"),
+    ("eval --workdir {w} --step 5", "--step 5: no such checkpoint (have: 2)"),
+    ("eval --workdir {w} --data {t}/none.txt", "data.source: {t}/none.txt does not exist"),
+    (
+        "train --config tiny --workdir {w} --set moe.num_experts=8",
+        "moe.num_experts: 8 differs "
+        "from the checkpointed model's 4 (use a new --workdir, or the workdir's config.yaml)",
+    ),
+    # --- generate, profile, multi-process flags
+    ("generate --workdir {w} --prompt=", "--prompt: must not be empty"),
+    (
+        "generate --workdir {w} --prompt x --max-new-tokens 0",
+        "--max-new-tokens: must be >= 1, got 0",
+    ),
+    ("generate --workdir {w} --prompt x --temperature -1", "--temperature: must be >= 0, got -1.0"),
+    (
+        "generate --workdir {w} --prompt x --top-k -3",
+        "--top-k: must be >= 0 (0 = no limit), got -3",
+    ),
+    ("generate --workdir {w} --prompt x --step 9", "--step 9: no such checkpoint (have: 2)"),
+    ("profile --config tiny --steps 0", "--steps: must be >= 1, got 0"),
+    (
+        "profile --config tiny --workdir {w}",
+        "--config and --workdir: give one (a workdir has its config)",
+    ),
+    (
+        "train --config tiny --num-processes 2",
+        "--coordinator-address, --num-processes and --process-id go together",
+    ),
+    (
+        "train --config tiny --coordinator-address 127.0.0.1:1 --num-processes 2 --process-id 2",
+        "--process-id 2: must be in [0, 2)",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    t = tmp_path_factory.mktemp("bad")
+    (t / "bad.yaml").write_text("model: [unclosed\n")
+    (t / "bad.toml").write_text("model d_model = 3\n")
+    (t / "evil.yaml").write_text(f'model: !!python/object/apply:os.system ["touch {t}/pwned"]\n')
+    (t / "list.yaml").write_text("[1, 2]\n")
+    (t / "empty.txt").write_bytes(b"")
+    (t / "emptydir").mkdir()
+    (t / "short.txt").write_text("x" * 100)
+    (t / "a-file").write_text("not a directory")
+    import numpy as np
+
+    np.save(t / "floats.npy", np.zeros(1000))
+    np.save(t / "big.npy", np.full(5000, 999, np.int32))
+    w = t / "trained"
+    train.run(
+        config.load("tiny", {"train.steps": 2, "train.eval_every": 100}), w, log=lambda s: None
+    )
+    return {"t": str(t), "w": str(w)}
+
+
+@pytest.mark.parametrize("argv,expected", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_one_line_and_exit_2(argv, expected, dirs, capsys, tmp_path):
+    args = argv.format(**dirs).split()
+    if args[0] == "train" and "--workdir" not in args:
+        args += ["--workdir", str(tmp_path / "w")]
+    rc = cli.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err == ["sparsemodel: error: " + expected.format(**dirs)]
+    assert not (Path(dirs["t"]) / "pwned").exists()  # the YAML tag never ran
+
+
+def test_table_is_long_enough():
+    assert len(BAD) >= 25
+
+
+def test_non_utf8_bytes_are_fine(tmp_path):
+    """Bytes are tokens: a binary file trains."""
+    data = tmp_path / "binary.bin.txt"
+    data.write_bytes(bytes(range(256)) * 64)
+    cfg = config.load("tiny", {"train.steps": 1, "data.source": str(data), "train.eval_every": 100})
+    assert train.run(cfg, tmp_path / "w", log=lambda s: None).step == 1
