@@ -268,3 +268,67 @@ def test_train_resumes_from_the_previous_good_checkpoint(tmp_path, damage):
     assert losses(run) == losses(reference)  # steps 5..8 recomputed exactly
     assert (run / "checkpoints" / "8.damaged").is_dir()  # kept aside, not deleted
     assert (run / "checkpoints" / "4").is_dir()
+
+
+# ------------------------------------------------------------------- kill anywhere
+
+
+def _start(workdir):
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sparsemodel.cli",
+            "train",
+            "--config",
+            "tiny",
+            "--workdir",
+            str(workdir),
+            "--set",
+            "train.steps=12",
+            "train.checkpoint_every=3",
+            "train.eval_every=100",
+            "train.log_every=1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _kill_when(proc, ready, timeout=300):
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
+    reference = tmp_path / "reference"
+    ref = _start(reference)
+    assert ref.wait(timeout=600) == 0, ref.communicate()[1][-2000:]
+
+    run = tmp_path / "run"
+    metrics, ckpts = run / "metrics.jsonl", run / "checkpoints"
+    steps_logged = lambda: len(metrics.read_text().splitlines()) if metrics.exists() else 0  # noqa: E731
+    entries = lambda: sorted(p.name for p in ckpts.iterdir()) if ckpts.exists() else []  # noqa: E731
+
+    # 1. mid-step: step 4 logged, step 5 running, newest checkpoint 3.
+    _kill_when(_start(run), lambda: steps_logged() >= 4)
+    # 2. mid-save: as soon as a checkpoint directory past step 3 appears (Orbax writes it
+    #    under a temporary name and renames it when complete).
+    _kill_when(_start(run), lambda: any(e not in ("3",) for e in entries()))
+    # 3. just after a save: a complete newer checkpoint is listed.
+    _kill_when(_start(run), lambda: any(e.isdigit() and int(e) >= 9 for e in entries()))
+    final = _start(run)
+    assert final.wait(timeout=600) == 0, final.communicate()[1][-2000:]
+
+    assert losses(run) == losses(reference)  # every step, exactly
+    a, b = evaluate.restore(reference), evaluate.restore(run)
+    assert a.step == b.step == 12
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
