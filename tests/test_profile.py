@@ -74,7 +74,7 @@ def test_compiled_flops_agree_with_model_flops_on_a_dense_config():
 def test_moe_small_compiled_flops_stay_near_model_flops(tmp_path):
     cfg = config.load("small")  # the preset as users run it
     plot = tmp_path / "load.png"
-    r = profile.profile(cfg, steps=1, plot=str(plot))
+    r = profile.profile(cfg, steps=1, plot=str(plot), trace_dir=str(tmp_path / "trace"))
     ratio = r["compiled"]["hw_model_flops_ratio"]
     # E/k = 4 would mean every expert runs on every token.
     assert ratio < 1.35, ratio
@@ -84,6 +84,8 @@ def test_moe_small_compiled_flops_stay_near_model_flops(tmp_path):
     for load in routing["load"]:
         assert abs(sum(load) - 1.0) < 1e-5
     assert plot.stat().st_size > 1000
+    traces = list((tmp_path / "trace").rglob("*.xplane.pb"))
+    assert traces and traces[0].stat().st_size > 0
     text = profile.format_report(r)
     assert "hw / model FLOPs" in text and "MFU" in text
 
