@@ -65,9 +65,11 @@ def _layer_runner(cfg, tokens: int):
     else:
         d, f = cfg.model.d_model, cfg.moe.top_k * cfg.moe.d_expert
         k = jax.random.split(jax.random.key(2), 3)
-        w = {"gate": 0.02 * jax.random.normal(k[0], (d, f)),
-             "up": 0.02 * jax.random.normal(k[1], (d, f)),
-             "down": 0.02 * jax.random.normal(k[2], (f, d))}
+        w = {
+            "gate": 0.02 * jax.random.normal(k[0], (d, f)),
+            "up": 0.02 * jax.random.normal(k[1], (d, f)),
+            "down": 0.02 * jax.random.normal(k[2], (f, d)),
+        }
 
         def loss(w, x):
             from sparsemodel.layers import swiglu
@@ -119,59 +121,95 @@ def main(argv=None) -> int:
 
     small, dense = config.load("small"), config.load("small-dense")
     log("1/6 train step: small (MoE) vs small-dense ...")
-    t = alternate({"moe": _train_step_runner(small), "dense": _train_step_runner(dense)},
-                  args.repeats)
+    t = alternate(
+        {"moe": _train_step_runner(small), "dense": _train_step_runner(dense)}, args.repeats
+    )
     figures["moe_dense_step_ratio"] = t["moe"] / t["dense"]
-    rows.append(("moe_dense_step_ratio", f"{t['moe'] * 1e3:.0f} / {t['dense'] * 1e3:.0f} ms",
-                 "<= 1.20"))
+    rows.append(
+        ("moe_dense_step_ratio", f"{t['moe'] * 1e3:.0f} / {t['dense'] * 1e3:.0f} ms", "<= 1.20")
+    )
 
     log("2/6 one FFN layer fwd+bwd: MoE (8 experts, top-2) vs dense of equal active width ...")
     tokens = small.train.batch_size * small.train.seq_len
-    t = alternate({"moe": _layer_runner(small, tokens),
-                   "dense": _layer_runner(small.replace({"moe.num_experts": 0}), tokens)},
-                  args.repeats)
+    t = alternate(
+        {
+            "moe": _layer_runner(small, tokens),
+            "dense": _layer_runner(small.replace({"moe.num_experts": 0}), tokens),
+        },
+        args.repeats,
+    )
     figures["moe_dense_layer_ratio"] = t["moe"] / t["dense"]
-    rows.append(("moe_dense_layer_ratio", f"{t['moe'] * 1e3:.1f} / {t['dense'] * 1e3:.1f} ms",
-                 "<= 1.30"))
+    rows.append(
+        ("moe_dense_layer_ratio", f"{t['moe'] * 1e3:.1f} / {t['dense'] * 1e3:.1f} ms", "<= 1.30")
+    )
 
     log("3/6 train step with 32 experts vs 4 experts (top-2, same active parameters) ...")
-    t = alternate({"e32": _train_step_runner(small.replace({"moe.num_experts": 32})),
-                   "e4": _train_step_runner(small.replace({"moe.num_experts": 4}))},
-                  args.repeats)
+    t = alternate(
+        {
+            "e32": _train_step_runner(small.replace({"moe.num_experts": 32})),
+            "e4": _train_step_runner(small.replace({"moe.num_experts": 4})),
+        },
+        args.repeats,
+    )
     figures["expert_scaling_ratio"] = t["e32"] / t["e4"]
-    rows.append(("expert_scaling_ratio", f"{t['e32'] * 1e3:.0f} / {t['e4'] * 1e3:.0f} ms",
-                 "<= 1.15"))
+    rows.append(
+        ("expert_scaling_ratio", f"{t['e32'] * 1e3:.0f} / {t['e4'] * 1e3:.0f} ms", "<= 1.15")
+    )
 
     log("4/6 compiled vs model FLOPs of the small train step ...")
     r = profile(small, steps=1)
     figures["hw_model_flops_ratio"] = r["compiled"]["hw_model_flops_ratio"]
-    rows.append(("hw_model_flops_ratio", f"{r['compiled']['flops_per_step']:.3g} FLOP/step",
-                 "<= 1.35"))
+    rows.append(
+        ("hw_model_flops_ratio", f"{r['compiled']['flops_per_step']:.3g} FLOP/step", "<= 1.35")
+    )
 
     log("5/6 MFU at d_model 512 against this CPU's measured matmul peak ...")
-    wide = {"model.d_model": 512, "model.n_heads": 8, "model.n_kv_heads": 8,
-            "model.d_ff": 2048, "moe.d_expert": 1024, "train.batch_size": 8}
+    wide = {
+        "model.d_model": 512,
+        "model.n_heads": 8,
+        "model.n_kv_heads": 8,
+        "model.d_ff": 2048,
+        "moe.d_expert": 1024,
+        "train.batch_size": 8,
+    }
     peak, source = hardware.peak_flops_per_device()
-    runners = {"dense": _train_step_runner(dense.replace(wide)),
-               "moe": _train_step_runner(small.replace(wide))}
+    runners = {
+        "dense": _train_step_runner(dense.replace(wide)),
+        "moe": _train_step_runner(small.replace(wide)),
+    }
     t = alternate(runners, max(3, args.repeats // 2))
     for name, base in (("dense", dense), ("moe", small)):
         c = base.replace(wide)
         step_flops = flops.model_flops_per_token(c) * c.train.batch_size * c.train.seq_len
         figures[f"mfu_{name}"] = step_flops / t[name] / peak
-    rows.append(("mfu_dense / mfu_moe",
-                 f"{figures['mfu_dense']:.1%} / {figures['mfu_moe']:.1%} of {peak / 1e9:.0f} "
-                 "GFLOP/s", ">= 50% / >= 40%"))
+    rows.append(
+        (
+            "mfu_dense / mfu_moe",
+            f"{figures['mfu_dense']:.1%} / {figures['mfu_moe']:.1%} of {peak / 1e9:.0f} GFLOP/s",
+            ">= 50% / >= 40%",
+        )
+    )
 
     log("6/6 KV-cache decoding, small, batch 1 and 16 ...")
     figures["decode_tokens_per_s_b1"] = _decode_tokens_per_s(small, 1)
     figures["decode_tokens_per_s_b16"] = _decode_tokens_per_s(small, 16)
-    rows.append(("decode_tokens_per_s", f"{figures['decode_tokens_per_s_b1']:.0f} (b1) / "
-                 f"{figures['decode_tokens_per_s_b16']:.0f} (b16)", "report"))
+    rows.append(
+        (
+            "decode_tokens_per_s",
+            f"{figures['decode_tokens_per_s_b1']:.0f} (b1) / "
+            f"{figures['decode_tokens_per_s_b16']:.0f} (b16)",
+            "report",
+        )
+    )
 
     figures["hf_mixtral_speedup"] = None
-    rows.append(("hf_mixtral_speedup", "not measured: the `peers` extra (torch, transformers) "
-                 "is not part of this suite yet", ">= 1.25"))
+    rows.append(
+        (
+            "hf_mixtral_speedup",
+            "not measured: the `peers` extra (torch, transformers) is not part of this suite yet",
+            ">= 1.25",
+        )
+    )
 
     figures["peak_source"] = source
     print(f"{'figure':<24} {'measured':<48} target")

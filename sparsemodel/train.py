@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import statistics
 import threading
@@ -46,6 +47,7 @@ class TrainResult:
     tokens_per_s: float
     wall_s: float
     unigram_entropy: float  # nats/token of the validation split's byte unigram: the no-context loss
+    checkpoint_s: float = 0.0  # time the loop spent blocked in checkpoint saves
 
 
 # ------------------------------------------------------------------------ the maths
@@ -219,6 +221,7 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
     progress = Progress(t.steps, start, every=t.log_every)
     step_times: list[float] = []
     loss = val_loss = None
+    checkpoint_s = 0.0
     stop = StopRequest()  # SIGTERM / SIGINT: checkpoint this step, then exit cleanly
     with metrics_path.open("a") if is_lead else open("/dev/null", "w") as metrics_file:
         for step in range(start + 1, last_step + 1):
@@ -244,6 +247,7 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
                 **{k: _json(v) for k, v in m.items()},
                 "tokens_per_s": tokens_per_s,
                 "mfu": flops_per_step / step_s / peak,
+                "rss_mib": resident_mib(),
             }
             if step % t.eval_every == 0 or step == t.steps:
                 val_loss, _ = evaluate_batches(eval_step, params, val_batches(), mesh)
@@ -264,12 +268,14 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
                 },
             )
             if step % t.checkpoint_every == 0 or step == last_step or stop.signal:
+                t_save = time.perf_counter()
                 ckpt.save(
                     step,
                     params,
                     opt_state,
                     {"step": step, "data": train_iter.get_state(), "seed": t.seed},
                 )
+                checkpoint_s += time.perf_counter() - t_save  # the loop's blocked time
             if stop.signal:
                 progress.message(f"signal {stop.signal}: saved step {step}, stopping")
                 last_step = step
@@ -287,6 +293,7 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
         tokens_per_s,
         wall,
         data_lib.byte_unigram_entropy(corpus.val),
+        checkpoint_s,
     )
 
 
@@ -371,6 +378,15 @@ def startup_report(cfg, mesh, params, opt_state, compiled, corpus) -> list[str]:
         f"{len(corpus.val):,} validation tokens"
     )
     return lines
+
+
+def resident_mib() -> float | None:
+    """Resident memory of this process (Linux /proc; None elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _json(v):
