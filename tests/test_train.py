@@ -287,6 +287,7 @@ def _start(workdir):
             "--set",
             "train.steps=12",
             "train.checkpoint_every=3",
+            "train.keep_checkpoints=1",
             "train.eval_every=100",
             "train.log_every=1",
         ],
@@ -317,13 +318,20 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
     steps_logged = lambda: len(metrics.read_text().splitlines()) if metrics.exists() else 0  # noqa: E731
     entries = lambda: sorted(p.name for p in ckpts.iterdir()) if ckpts.exists() else []  # noqa: E731
 
-    # 1. mid-step: step 4 logged, step 5 running, newest checkpoint 3.
-    _kill_when(_start(run), lambda: steps_logged() >= 4)
-    # 2. mid-save: as soon as a checkpoint directory past step 3 appears (Orbax writes it
-    #    under a temporary name and renames it when complete).
-    _kill_when(_start(run), lambda: any(e not in ("3",) for e in entries()))
-    # 3. just after a save: a complete newer checkpoint is listed.
+    def newest():
+        return Checkpointer(run).latest_step() or 0
+
+    # 1. mid-step: checkpoint 3 complete, step 4 logged, step 5 running.
+    _kill_when(_start(run), lambda: steps_logged() >= 4 and "3" in entries())
+    assert newest() == 3
+    # 2. mid-save: as soon as a new entry appears (Orbax writes each step under a temporary
+    #    name and renames it when complete). With keep_checkpoints=1, step 3 may only be
+    #    deleted once the new step is complete: a completed checkpoint is never lost.
+    _kill_when(_start(run), lambda: any(e != "3" for e in entries()))
+    assert newest() >= 3, entries()
+    # 3. just after a save: a complete step >= 9 is listed.
     _kill_when(_start(run), lambda: any(e.isdigit() and int(e) >= 9 for e in entries()))
+    assert newest() >= 9, entries()
     final = _start(run)
     assert final.wait(timeout=600) == 0, final.communicate()[1][-2000:]
 
