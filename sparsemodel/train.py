@@ -29,6 +29,7 @@ from sparsemodel import data as data_lib
 from sparsemodel import flops, hardware, sharding
 from sparsemodel.checkpoint import Checkpointer
 from sparsemodel.config import Config, ConfigError
+from sparsemodel.events import EventLog
 from sparsemodel.model import aux_losses
 from sparsemodel.optim import make_optimizer, schedule
 from sparsemodel.params import count, init_opt_state, init_params
@@ -110,7 +111,10 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation):
         }
         if stats is not None:
             metrics.update(
-                dropped=stats.dropped.mean(), max_load=stats.max_load.max(), load=stats.load
+                dropped=stats.dropped.mean(),
+                layer_dropped=stats.dropped,
+                max_load=stats.max_load.max(),
+                load=stats.load,
             )
         return params, opt_state, metrics
 
@@ -222,6 +226,7 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
     step_times: list[float] = []
     loss = val_loss = None
     checkpoint_s = 0.0
+    events = EventLog(workdir, start + 1) if is_lead else None
     stop = StopRequest()  # SIGTERM / SIGINT: checkpoint this step, then exit cleanly
     with metrics_path.open("a") if is_lead else open("/dev/null", "w") as metrics_file:
         for step in range(start + 1, last_step + 1):
@@ -258,6 +263,8 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
                 )
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
+            if events is not None:
+                events.write(step, record)
             progress.update(
                 step,
                 {
@@ -282,6 +289,8 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
                 break
     stop.release()
     progress.close()
+    if events is not None:
+        events.close()
     ckpt.wait()
     ckpt.close()
     wall = time.perf_counter() - t_start

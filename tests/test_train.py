@@ -32,6 +32,25 @@ def losses(workdir):
     return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
 
 
+def read_scalars(logdir) -> dict[str, dict[int, float]]:
+    """Scalars from TensorBoard event files (TFRecord: length, crc, Event proto, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, dict[int, float]] = {}
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, {})[event.step] = v.simple_value
+    return out
+
+
 def test_resumed_run_continues_the_exact_curve(tmp_path):
     cfg = tiny()
     full = train.run(cfg, tmp_path / "full", log=lambda s: None)
@@ -69,6 +88,19 @@ def test_training_reduces_loss_and_eval_reports_it(tmp_path):
     ):
         assert key in records[-1], key
     assert "val_loss" in records[9] and "val_loss" in records[19]
+
+    # TensorBoard event files beside metrics.jsonl, with the same numbers.
+    events = read_scalars(tmp_path)
+    assert events["train/loss"][20] == pytest.approx(records[-1]["loss"])
+    assert set(events["train/lm_loss"]) == set(range(1, 21))
+    assert {
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "train/mfu",
+        "experts/layer0/load_e0",
+        "experts/layer1/dropped",
+    } <= set(events)
 
     r = evaluate.restore(tmp_path)
     res = evaluate.evaluate(r, max_tokens=4096)
