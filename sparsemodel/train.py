@@ -239,6 +239,9 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
             if not all(map(math.isfinite, (loss, m["grad_norm"], m["param_norm"]))):
                 ckpt.wait()
                 last = ckpt.latest_step()
+                stop.release()
+                if events is not None:
+                    events.close()
                 raise TrainingError(
                     f"step {step}: non-finite loss ({loss}), gradient norm "
                     f"({float(m['grad_norm'])}) or parameter norm ({float(m['param_norm'])}); "
