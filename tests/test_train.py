@@ -32,6 +32,23 @@ def losses(workdir):
     return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
 
 
+def train_tiny_process(workdir, *settings) -> subprocess.Popen:
+    """`sparsemodel train --config tiny` in a subprocess (stderr captured)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "sparsemodel.cli",
+        "train",
+        "--config",
+        "tiny",
+        "--workdir",
+        str(workdir),
+        "--set",
+        *settings,
+    ]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
 def read_scalars(logdir) -> dict[str, dict[int, float]]:
     """Scalars from TensorBoard event files (TFRecord: length, crc, Event proto, crc)."""
     import struct
@@ -234,25 +251,12 @@ def test_command_line_train_eval_generate(tmp_path):
 @pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_and_exits_cleanly(tmp_path):
     workdir = tmp_path / "run"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sparsemodel.cli",
-            "train",
-            "--config",
-            "tiny",
-            "--workdir",
-            str(workdir),
-            "--set",
-            "train.steps=100000",
-            "train.checkpoint_every=100000",
-            "train.eval_every=100000",
-            "train.log_every=1",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = train_tiny_process(
+        workdir,
+        "train.steps=100000",
+        "train.checkpoint_every=100000",
+        "train.eval_every=100000",
+        "train.log_every=1",
     )
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 300
@@ -306,26 +310,13 @@ def test_train_resumes_from_the_previous_good_checkpoint(tmp_path, damage):
 
 
 def _start(workdir):
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sparsemodel.cli",
-            "train",
-            "--config",
-            "tiny",
-            "--workdir",
-            str(workdir),
-            "--set",
-            "train.steps=12",
-            "train.checkpoint_every=3",
-            "train.keep_checkpoints=1",
-            "train.eval_every=100",
-            "train.log_every=1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    return train_tiny_process(
+        workdir,
+        "train.steps=12",
+        "train.checkpoint_every=3",
+        "train.keep_checkpoints=1",
+        "train.eval_every=100",
+        "train.log_every=1",
     )
 
 
