@@ -97,12 +97,3 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
-
-
-def abstract_like(tree, shardings):
-    """ShapeDtypeStructs carrying the given shardings: the restore target for a new mesh.
-
-    (`nnx.eval_shape` would drop the shardings, so we build the target explicitly.)"""
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-    )

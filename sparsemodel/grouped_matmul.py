@@ -9,8 +9,6 @@ and updates only expert e's slice in place, so its cost is that of the block's m
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 
@@ -23,7 +21,7 @@ def _block_forward(xb, wg, wu, wd):
     return (jax.nn.silu(g) * u) @ wd, g, u  # [B, D]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=())
+@jax.custom_vjp
 def block_swiglu(x_nbd, block_expert, n_used, w_gate, w_up, w_down):
     """x_nbd [N, B, D] rows grouped in blocks; block_expert [N]; blocks >= n_used are padding
     and produce zeros. Weights [E, D, F], [E, D, F], [E, F, D]. Returns [N, B, D]."""
