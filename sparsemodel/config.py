@@ -102,6 +102,9 @@ class TrainConfig:
 class DataConfig:
     source: str = "stdlib"  # "stdlib", a text file, a directory of text files, or .npy/.bin
     val_fraction: float = 0.05  # share of files (by path hash) held out for validation
+    # "byte": id = byte value. "bpe": <workdir>/tokenizer.json, trained on the training
+    # split (byte-level BPE of model.vocab_size tokens) unless the workdir already has one.
+    tokenizer: Literal["byte", "bpe"] = "byte"
 
 
 @dataclass(frozen=True)
@@ -401,6 +404,7 @@ def validate(cfg: Config) -> None:
 
     _need(bool(d.source), "data.source", "must not be empty")
     _need(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+    _check_vocab_for_tokenizer(m, d)
 
     for key in ("data", "fsdp", "expert", "tensor"):
         size = getattr(mesh, key)
@@ -421,6 +425,29 @@ def validate(cfg: Config) -> None:
         )
 
 
+def _check_vocab_for_tokenizer(m: ModelConfig, d: DataConfig) -> None:
+    """Byte ids need 256 rows (pre-tokenized arrays bring their own ids); BPE needs the 256
+    byte symbols plus at least one merge, and ids that fit int32 token storage."""
+    v = m.vocab_size
+    if d.tokenizer == "bpe":
+        _need(
+            v >= 257,
+            "model.vocab_size",
+            f"data.tokenizer=bpe needs >= 257 (256 bytes + merges), got {v}",
+        )
+        _need(
+            v < 2**31,
+            "model.vocab_size",
+            f"data.tokenizer=bpe needs < 2**31 (int32 token ids), got {v}",
+        )
+    elif not d.source.endswith((".npy", ".bin")):
+        _need(
+            v >= 256,
+            "model.vocab_size",
+            f"data.tokenizer=byte needs >= 256 (one id per byte), got {v}",
+        )
+
+
 # Fields that change parameter shapes: a checkpoint cannot be resumed or evaluated with
 # a config that differs in any of them.
 SHAPE_FIELDS = (
@@ -437,6 +464,7 @@ SHAPE_FIELDS = (
     "moe.num_shared",
     "moe.every",
     "moe.first_dense",
+    "data.tokenizer",  # not a shape, but the ids would mean other text
 )
 
 
