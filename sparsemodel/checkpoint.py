@@ -4,15 +4,18 @@ Layout: <workdir>/checkpoints/<step>/{params, opt_state, meta}. `meta` is JSON (
 the data iterator's position and the seed the step keys derive from), so nothing in a
 checkpoint is pickled. Orbax writes each step to a temporary directory and renames it
 when complete, so a half-written step is never listed or restored. Saves are async:
-training continues while the previous step is written.
+training continues while the previous step is written. A step without opt_state (e.g.
+imported from Hugging Face) holds parameters only; training from it starts a fresh optimizer.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -39,20 +42,56 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, params, opt_state, meta: dict[str, Any]) -> None:
-        """Starts writing step (returns before the write is done when async)."""
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                opt_state=ocp.args.StandardSave(opt_state),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            force=True,
-        )
+        """Starts writing step (returns before the write is done when async). opt_state None
+        writes parameters only: training from such a step starts a fresh optimizer."""
+        items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
+        if opt_state is not None:
+            items["opt_state"] = ocp.args.StandardSave(opt_state)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def save_host_params(self, step: int, params, meta: dict[str, Any]) -> None:
+        """Writes a params-only step from host numpy arrays (e.g. memmaps of a converted
+        checkpoint) and waits for it.
+
+        Orbax deep-copies numpy leaves before writing by default, which would pull every
+        memmapped weight into memory at once; the arrays here are not modified while they
+        are written, so that copy is switched off for this save.
+        """
+        default = ocp.type_handlers.get_type_handler(np.ndarray)
+        _register_numpy_handler(ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False))
+        try:
+            self.save(step, params, None, meta)
+            self.wait()
+        finally:
+            _register_numpy_handler(default)
+
+    def restore_leaf(self, step: int, path: tuple) -> np.ndarray:
+        """One parameter of a step as a host numpy array, e.g. ('units', 'blocks', 0, 'attn',
+        'wq'): lets export stream a checkpoint one parameter at a time."""
+        keys = tuple(map(str, path)) + ("value",)  # nnx.Param's leaf; list indices as strings
+        item, args = 0, ocp.RestoreArgs(restore_type=np.ndarray)
+        for key in reversed(keys):
+            item, args = {key: item}, {key: args}
+        try:
+            with ocp.PyTreeCheckpointer() as c:
+                out = c.restore(
+                    self.directory / str(step) / "params",
+                    args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True),
+                )
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds on bad files
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"checkpoint step {step}: cannot read {path}: {reason}") from e
+        for key in keys:
+            out = out[key]
+        return out
+
+    def has_opt_state(self, step: int) -> bool:
+        return (self.directory / str(step) / "opt_state").is_dir()
 
     def restore(self, step: int, abstract_params, abstract_opt_state=None):
         """Restores onto the shardings carried by the abstract targets' ShapeDtypeStructs,
-        whatever mesh wrote the checkpoint. Without abstract_opt_state, params only."""
+        whatever mesh wrote the checkpoint. Without abstract_opt_state, params only; opt_state is
+        None also for a step saved without one."""
         if step not in self.manager.all_steps():
             have = ", ".join(map(str, self.steps())) or "none"
             raise CheckpointError(f"--step {step}: no such checkpoint (have: {have})")
@@ -60,7 +99,7 @@ class Checkpointer:
             "params": ocp.args.StandardRestore(abstract_params),
             "meta": ocp.args.JsonRestore(),
         }
-        if abstract_opt_state is not None:
+        if abstract_opt_state is not None and self.has_opt_state(step):
             items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -97,3 +136,14 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _register_numpy_handler(handler) -> None:
+    """Orbax's handler for numpy leaves, without absl's warning about the override."""
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(np.ndarray, handler, override=True)
+    finally:
+        absl_logger.setLevel(level)

@@ -74,6 +74,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0, help="0 = no limit")
     g.add_argument("--seed", type=int, default=0)
+
+    i = sub.add_parser("import-hf", help="a Hugging Face Mixtral checkpoint -> a workdir")
+    i.add_argument("src", help="directory with config.json and *.safetensors")
+    i.add_argument("--workdir", required=True)
+
+    x = sub.add_parser("export-hf", help="a workdir's checkpoint -> a Hugging Face Mixtral dir")
+    x.add_argument("out", help="output directory (config.json, *.safetensors)")
+    x.add_argument("--workdir", required=True)
+    x.add_argument("--step", type=int, help="checkpoint step (default: newest)")
     return p
 
 
@@ -190,6 +199,26 @@ def _profile(args) -> int:
     return 0
 
 
+def _import_hf(args) -> int:
+    from sparsemodel import hf
+
+    cfg = hf.import_hf(args.src, args.workdir)
+    m, e = cfg.model, cfg.moe
+    print(
+        f"imported {args.src}: {m.n_layers} layers, d_model {m.d_model}, {e.num_experts} experts "
+        f"(top {e.top_k}), vocab {m.vocab_size}; workdir {args.workdir} (checkpoint step 0)"
+    )
+    return 0
+
+
+def _export_hf(args) -> int:
+    from sparsemodel import hf
+
+    files = hf.export_hf(args.workdir, args.out, args.step)
+    print(f"exported {args.workdir} to {args.out}: {', '.join(f.name for f in files)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from sparsemodel.checkpoint import CheckpointError
@@ -198,9 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     from sparsemodel.train import TrainingError
 
     try:
-        return {"train": _train, "eval": _eval, "generate": _generate, "profile": _profile}[
-            args.command
-        ](args)
+        return {
+            "train": _train,
+            "eval": _eval,
+            "generate": _generate,
+            "profile": _profile,
+            "import-hf": _import_hf,
+            "export-hf": _export_hf,
+        }[args.command](args)
     except (ConfigError, DataError, CheckpointError, _UsageError) as e:
         return _exit(2, f"sparsemodel: error: {e}")
     except TrainingError as e:

@@ -199,8 +199,13 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
     start = 0
     restored = ckpt.restore_newest_good(params, opt_state, warn=log)
     if restored is not None:
-        start, params, opt_state, meta = restored
-        train_iter.set_state(meta["data"])
+        start, params, restored_opt_state, meta = restored
+        if restored_opt_state is not None:
+            opt_state = restored_opt_state
+        else:  # a params-only step (e.g. from `sparsemodel import-hf`): fresh optimizer
+            log(f"{workdir}/checkpoints/{start} holds parameters only: fresh optimizer state")
+        if meta.get("data") is not None:
+            train_iter.set_state(meta["data"])
         log(f"resumed from {workdir}/checkpoints/{start}")
     metrics_path = workdir / "metrics.jsonl"
     if is_lead:

@@ -1,0 +1,527 @@
+"""Hugging Face Mixtral checkpoints in and out (`sparsemodel import-hf` / `export-hf`).
+
+Our Mixtral-shaped model (every layer MoE, top-k of the full softmax renormalised, SwiGLU
+experts, GQA attention with rotate-half RoPE, RMSNorm) is the same function as
+transformers' MixtralForCausalLM, so conversion is a relabelling of tensors:
+
+    HF tensor (nn.Linear weights are [out, in])          ours ([in, out], stacked over layers)
+    model.embed_tokens.weight             [V, D]         embed.embedding            [V, D]
+    lm_head.weight                        [V, D]         unembed                    [D, V]
+    model.norm.weight                     [D]            final_norm.scale           [D]
+    layers.L.input_layernorm.weight       [D]            attn_norm.scale[L]         [D]
+    layers.L.post_attention_layernorm...  [D]            ffn_norm.scale[L]          [D]
+    layers.L.self_attn.q_proj.weight      [H*Dh, D]      attn.wq[L]                 [D, H, Dh]
+    layers.L.self_attn.k_proj/v_proj      [Hkv*Dh, D]    attn.wk/wv[L]              [D, Hkv, Dh]
+    layers.L.self_attn.o_proj.weight      [D, H*Dh]      attn.wo[L]                 [H, Dh, D]
+    layers.L.block_sparse_moe.gate.weight [E, D]         ffn.w_router[L]            [D, E]
+    ...experts.i.w1.weight (gate)         [F, D]         ffn.w_gate[L, i]           [D, F]
+    ...experts.i.w3.weight (up)           [F, D]         ffn.w_up[L, i]             [D, F]
+    ...experts.i.w2.weight (down)         [D, F]         ffn.w_down[L, i]           [F, D]
+
+Hugging Face checkpoints already hold q/k in rotate-half order (their conversion from
+Meta's interleaved layout permuted the rows), which is our `layers.rope`, so no
+permutation is needed. transformers 5 keeps experts fused in memory
+(`mlp.gate.weight`, `mlp.experts.gate_up_proj` [E, 2F, D] gate rows first,
+`mlp.experts.down_proj` [E, D, F]); we read those names too, and write the v4 names above,
+which is what transformers 5's `save_pretrained` writes and what every version loads.
+
+Both directions stream tensor by tensor, so a checkpoint larger than memory converts:
+import assembles each stacked parameter in a numpy memmap on disk (beside the workdir)
+and checkpoints the memmaps; export restores one of our parameters at a time and writes
+safetensors shards with a header computed up front.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import struct
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes  # noqa: F401 - registers numpy's 'bfloat16', so safetensors can read bf16
+import numpy as np
+
+from sparsemodel import config as config_lib
+from sparsemodel.config import Config, ConfigError, DataConfig
+
+# model_types close to Mixtral that we refuse, and exactly what of theirs our model lacks.
+NOT_MAPPABLE = {
+    "qwen2_moe": "q/k/v projection biases and a sigmoid-gated shared expert "
+    "(our attention has no biases; our shared experts have no gate)",
+    "qwen3_moe": "q/k RMSNorm on every attention head (our attention has none)",
+    "olmoe": "q/k RMSNorm in attention (our attention has none)",
+}
+
+MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size for save_pretrained
+
+
+# ------------------------------------------------------------------------- configs
+
+
+def config_from_hf(hf: dict[str, Any], where: str) -> Config:
+    """Our Config for a Mixtral config.json, or ConfigError naming what does not map."""
+
+    def refuse(reason: str):
+        raise ConfigError(f"{where}: {reason}")
+
+    model_type = hf.get("model_type")
+    if model_type in NOT_MAPPABLE:
+        refuse(f"model_type {model_type} does not map: it has {NOT_MAPPABLE[model_type]}")
+    if model_type != "mixtral":
+        refuse(f"model_type {model_type!r} is not supported (import-hf reads model_type mixtral)")
+    d, heads = hf["hidden_size"], hf["num_attention_heads"]
+    if hf.get("hidden_act", "silu") != "silu":
+        refuse(f"hidden_act {hf['hidden_act']!r} does not map (our experts are SwiGLU: silu)")
+    if hf.get("head_dim") not in (None, d // heads) or d % heads:
+        refuse(f"head_dim {hf.get('head_dim')} != hidden_size/num_attention_heads ({d}/{heads})")
+    window, max_pos = hf.get("sliding_window"), hf.get("max_position_embeddings")
+    if window is not None and (max_pos is None or window < max_pos):
+        refuse(
+            f"sliding_window {window} < max_position_embeddings {max_pos} does not map "
+            "(our attention is full causal)"
+        )
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            refuse(f"{flag}=true does not map (our projections have no biases)")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        refuse(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} does not map")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 1e6))  # 1e6: MixtralConfig's default
+    top_k, ffn = hf.get("num_experts_per_tok", 2), hf["intermediate_size"]
+    data = {
+        "model": {
+            "d_model": d,
+            "n_layers": hf["num_hidden_layers"],
+            "n_heads": heads,
+            "n_kv_heads": hf.get("num_key_value_heads") or heads,
+            "d_ff": ffn,  # unused (no dense layers) but kept meaningful
+            "vocab_size": hf["vocab_size"],
+            "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+            "rope_theta": float(theta),
+            "norm_eps": float(hf.get("rms_norm_eps", 1e-5)),
+            "init_std": float(hf.get("initializer_range", 0.02)),
+        },
+        "moe": {
+            "num_experts": hf.get("num_local_experts", 8),
+            "top_k": top_k,
+            "d_expert": ffn,
+            "router": "topk",
+            "dispatch": "dropless",
+            "renormalize": True,
+            # HF jitters the whole MoE input, we the router input: training-only noise.
+            "jitter": float(hf.get("router_jitter_noise", 0.0)),
+            # HF's f_e counts assignments per token (sums to k), ours per assignment (sums
+            # to 1): the same loss needs k times the coefficient.
+            "lb_coef": float(hf.get("router_aux_loss_coef", 0.001)) * top_k,
+            "z_coef": 0.0,  # Mixtral trains without a router z-loss
+        },
+        # Fine-tuning defaults: a small learning rate; --set overrides as usual.
+        "train": {"lr": 1e-5, "warmup_steps": 10, "steps": 100},
+    }
+    try:
+        return config_lib.from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: does not map: {e}") from None
+
+
+def config_to_hf(cfg: Config, source_hf: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A Mixtral config.json for cfg, or ConfigError naming what Mixtral cannot express."""
+    refuse_export(cfg)
+    m, e = cfg.model, cfg.moe
+    src = source_hf or {}
+    return {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "hidden_size": m.d_model,
+        "intermediate_size": e.d_expert,
+        "num_hidden_layers": m.n_layers,
+        "num_attention_heads": m.n_heads,
+        "num_key_value_heads": m.n_kv_heads,
+        "head_dim": m.d_model // m.n_heads,
+        "vocab_size": m.vocab_size,
+        "tie_word_embeddings": m.tie_embeddings,
+        "rms_norm_eps": m.norm_eps,
+        "rope_theta": m.rope_theta,  # transformers 4 reads this ...
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},  # ... 5 this
+        "hidden_act": "silu",
+        "num_local_experts": e.num_experts,
+        "num_experts_per_tok": e.top_k,
+        "router_aux_loss_coef": e.lb_coef / e.top_k,  # see config_from_hf
+        "router_jitter_noise": e.jitter,
+        "initializer_range": m.init_std,
+        "max_position_embeddings": src.get("max_position_embeddings", cfg.train.seq_len),
+        "sliding_window": None,
+        "attention_dropout": 0.0,
+        "bos_token_id": src.get("bos_token_id"),
+        "eos_token_id": src.get("eos_token_id"),
+        "pad_token_id": src.get("pad_token_id"),
+        "use_cache": True,
+        "dtype": "float32",
+        "torch_dtype": "float32",
+    }
+
+
+def refuse_export(cfg: Config) -> None:
+    """ConfigError (one line) for a model Mixtral cannot express."""
+    e = cfg.moe
+    reasons = [
+        (not cfg.is_moe, "moe.num_experts=0: a dense model"),
+        (
+            cfg.is_moe and (e.every != 1 or e.first_dense != 0),
+            "moe.every/first_dense: "
+            f"layers mixing dense and MoE (every={e.every}, first_dense={e.first_dense})",
+        ),
+        (e.num_shared > 0, f"moe.num_shared={e.num_shared}: shared experts"),
+        (e.router != "topk", f"moe.router={e.router}"),
+        (e.top_k > 1 and not e.renormalize, f"moe.top_k={e.top_k} without moe.renormalize"),
+        # Mixtral renormalises even k=1 (weight 1.0); ours keeps the softmax probability.
+        (e.top_k == 1, "moe.top_k=1 (weighted by the softmax probability, Switch style)"),
+    ]
+    for bad, reason in reasons:
+        if bad:
+            raise ConfigError(f"export-hf: Mixtral cannot express {reason}")
+
+
+# ------------------------------------------------------------------ tensor layout
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One HF tensor and where it lives among our parameters."""
+
+    hf: str
+    leaf: tuple  # our parameter's path in the params State
+    index: tuple  # into that (stacked) parameter
+    to_ours: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def _same(x):
+    return x
+
+
+def _linear(ours_shape: tuple[int, ...], n_in: int):
+    """HF nn.Linear weight [out, in] <-> ours [*in_dims, *out_dims] (n_in leading dims)."""
+    n_rows = math.prod(ours_shape[:n_in])
+    return (
+        lambda w: np.ascontiguousarray(w.T).reshape(ours_shape),
+        lambda x: np.ascontiguousarray(x.reshape(n_rows, -1).T),
+    )
+
+
+def slots(cfg: Config) -> list[Slot]:
+    """Every tensor of the Mixtral checkpoint of cfg, in checkpoint order.
+
+    With model.share_layers, layer L reads unit L % g (the scan repeats the g unique units),
+    so shared weights appear once per layer that uses them.
+    """
+    m, e = cfg.model, cfg.moe
+    d, h, kv, dh, f = m.d_model, m.n_heads, m.n_kv_heads, m.d_model // m.n_heads, e.d_expert
+    n_unique = m.share_layers or m.n_layers
+    out = [Slot("model.embed_tokens.weight", ("embed", "embedding"), (), _same, _same)]
+    blk = ("units", "blocks", 0)
+    for layer in range(m.n_layers):
+        u, p = (layer % n_unique,), f"model.layers.{layer}."
+        moe = p + "block_sparse_moe."
+        out += [
+            Slot(p + "input_layernorm.weight", blk + ("attn_norm", "scale"), u, _same, _same),
+            Slot(p + "self_attn.q_proj.weight", blk + ("attn", "wq"), u, *_linear((d, h, dh), 1)),
+            Slot(p + "self_attn.k_proj.weight", blk + ("attn", "wk"), u, *_linear((d, kv, dh), 1)),
+            Slot(p + "self_attn.v_proj.weight", blk + ("attn", "wv"), u, *_linear((d, kv, dh), 1)),
+            Slot(p + "self_attn.o_proj.weight", blk + ("attn", "wo"), u, *_linear((h, dh, d), 2)),
+            Slot(
+                p + "post_attention_layernorm.weight", blk + ("ffn_norm", "scale"), u, _same, _same
+            ),
+            Slot(
+                moe + "gate.weight", blk + ("ffn", "w_router"), u, *_linear((d, e.num_experts), 1)
+            ),
+        ]
+        for i in range(e.num_experts):
+            x = f"{moe}experts.{i}."
+            out += [
+                Slot(x + "w1.weight", blk + ("ffn", "w_gate"), u + (i,), *_linear((d, f), 1)),
+                Slot(x + "w2.weight", blk + ("ffn", "w_down"), u + (i,), *_linear((f, d), 1)),
+                Slot(x + "w3.weight", blk + ("ffn", "w_up"), u + (i,), *_linear((d, f), 1)),
+            ]
+    out.append(Slot("model.norm.weight", ("final_norm", "scale"), (), _same, _same))
+    if not m.tie_embeddings:
+        out.append(Slot("lm_head.weight", ("unembed",), (), *_linear((d, m.vocab_size), 1)))
+    return out
+
+
+# ------------------------------------------------------------------------ reading
+
+
+class SafetensorsDir:
+    """The tensors of a Hugging Face checkpoint directory, read one at a time by name.
+
+    Accepts v4 names for experts also when the files hold transformers 5's fused ones.
+    """
+
+    _V4_EXPERT = re.compile(r"(model\.layers\.\d+\.)block_sparse_moe\.experts\.(\d+)\.w([123])\.")
+
+    def __init__(self, src: Path, stack: ExitStack):
+        from safetensors import safe_open
+
+        index = src / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in src.glob("*.safetensors"))
+        if not files:
+            raise ConfigError(f"{src}: no *.safetensors files (only safetensors are read)")
+        self.file_of: dict[str, Any] = {}
+        for name in files:
+            handle = stack.enter_context(safe_open(str(src / name), framework="numpy"))
+            self.file_of.update(dict.fromkeys(handle.keys(), handle))
+        self.read: set[str] = set()
+
+    def names(self) -> set[str]:
+        return set(self.file_of)
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor `name` (a v4 name) as float32."""
+        if name in self.file_of:
+            self.read.add(name)
+            return self.file_of[name].get_tensor(name).astype(np.float32)
+        if name.endswith("block_sparse_moe.gate.weight"):
+            return self.get(name.replace("block_sparse_moe.", "mlp."))
+        match = self._V4_EXPERT.match(name)
+        if match is None:
+            raise ConfigError(f"checkpoint has no tensor {name}")
+        prefix, i, w = match.group(1), int(match.group(2)), match.group(3)
+        fused = prefix + ("mlp.experts.down_proj" if w == "2" else "mlp.experts.gate_up_proj")
+        if fused not in self.file_of:
+            raise ConfigError(f"checkpoint has no tensor {name} (nor {fused})")
+        self.read.add(fused)
+        rows = self.file_of[fused].get_slice(fused)[i].astype(np.float32)  # one expert only
+        if w == "2":
+            return rows  # [D, F]
+        half = rows.shape[0] // 2  # gate_up rows: gate then up
+        return rows[:half] if w == "1" else rows[half:]  # [F, D]
+
+
+# ------------------------------------------------------------------------- import
+
+
+def import_hf(src: str | Path, workdir: str | Path, log=print) -> Config:
+    """Converts a Hugging Face Mixtral directory into a workdir holding a step-0 checkpoint.
+
+    The checkpoint holds parameters only; `sparsemodel train` on the workdir starts a fresh
+    optimizer from it (fine-tuning).
+    """
+    from sparsemodel.checkpoint import Checkpointer
+
+    src, workdir = Path(src), Path(workdir)
+    cfg_path = src / "config.json"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{src}: no config.json (not a Hugging Face checkpoint directory)")
+    hf_cfg = json.loads(cfg_path.read_text())
+    cfg = config_from_hf(hf_cfg, str(cfg_path))
+    if (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
+        raise ConfigError(f"--workdir {workdir}: already holds checkpoints (use a new one)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    tokenizer = src / "tokenizer.json"
+    if tokenizer.is_file():
+        shutil.copyfile(tokenizer, workdir / "tokenizer.json")
+        if "tokenizer" in {f.name for f in fields(DataConfig)}:
+            cfg = cfg.replace({"data.tokenizer": "bpe"})
+        else:
+            log("note: copied tokenizer.json, but this version trains on bytes (no data.tokenizer)")
+    (workdir / "hf_config.json").write_text(json.dumps(hf_cfg, indent=2))  # for export-hf
+
+    tmp = workdir / ".import-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        with ExitStack() as stack:
+            params = _assemble(cfg, SafetensorsDir(src, stack), tmp, log)
+            ckpt = Checkpointer(workdir, async_save=False)
+            ckpt.save_host_params(0, params, {"step": 0, "seed": 0, "source": str(src)})
+            ckpt.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    config_lib.dump(cfg, workdir / "config.yaml")
+    return cfg
+
+
+def _assemble(cfg: Config, reader: SafetensorsDir, tmp: Path, log):
+    """Our params State with numpy memmap leaves (under tmp), filled tensor by tensor."""
+    import jax
+
+    from sparsemodel import sharding
+    from sparsemodel.params import abstract_params
+
+    _, target = abstract_params(cfg, sharding.make_mesh(config_lib.MeshConfig()))
+    arrays = {}
+
+    def memmap(path, x):
+        name = "-".join(str(getattr(k, "key", k)) for k in path)
+        arrays[_leaf_key(path)] = a = np.lib.format.open_memmap(
+            tmp / f"{name}.npy", mode="w+", dtype=np.float32, shape=x.shape
+        )
+        return a
+
+    params = jax.tree_util.tree_map_with_path(memmap, target)
+    todo = slots(cfg)
+    for n, slot in enumerate(todo):
+        dest = arrays[slot.leaf]
+        value = slot.to_ours(reader.get(slot.hf))
+        if value.shape != dest[slot.index].shape:
+            raise ConfigError(
+                f"tensor {slot.hf}: shape {value.shape} (as ours) does not match config.json's "
+                f"{dest[slot.index].shape}"
+            )
+        dest[slot.index] = value
+        if n and n % 200 == 0:
+            log(f"converted {n}/{len(todo)} tensors")
+    ignorable = {"lm_head.weight"} if cfg.model.tie_embeddings else set()
+    left = sorted(reader.names() - reader.read - ignorable)
+    left = [n for n in left if not n.endswith("rotary_emb.inv_freq")]  # a buffer, not a weight
+    if left:
+        raise ConfigError(f"tensor {left[0]} has no place in a Mixtral model ({len(left)} unused)")
+    for a in arrays.values():
+        a.flush()
+    return params
+
+
+def _leaf_key(path) -> tuple:
+    """A params-State path without the trailing `.value`: ('units', 'blocks', 0, 'attn', 'wq')."""
+    keys = tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+    return keys[:-1] if keys and keys[-1] == "value" else keys
+
+
+# ------------------------------------------------------------------------- export
+
+
+def export_hf(
+    workdir: str | Path,
+    out: str | Path,
+    step: int | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> list[Path]:
+    """Writes a Mixtral-format directory (config.json + safetensors) that transformers loads.
+
+    One of our parameters is held in memory at a time. Returns the files written.
+    """
+    from sparsemodel.checkpoint import Checkpointer, CheckpointError
+
+    workdir, out = Path(workdir), Path(out)
+    if not (workdir / "config.yaml").is_file():
+        raise ConfigError(f"--workdir {workdir}: no config.yaml (not a sparsemodel workdir)")
+    cfg = config_lib.load(workdir / "config.yaml")
+    source = workdir / "hf_config.json"
+    hf_cfg = config_to_hf(cfg, json.loads(source.read_text()) if source.is_file() else None)
+    ckpt = Checkpointer(workdir, async_save=False)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"--workdir {workdir}: holds no checkpoint yet")
+    out.mkdir(parents=True, exist_ok=True)
+
+    todo = sorted(
+        slots(cfg), key=lambda s: tuple(map(str, s.leaf))
+    )  # consecutive slots share a leaf
+    cache: dict[tuple, np.ndarray] = {}
+
+    def fetch(slot: Slot) -> np.ndarray:
+        if slot.leaf not in cache:
+            cache.clear()  # hold one parameter at a time
+            cache[slot.leaf] = ckpt.restore_leaf(step, slot.leaf)
+        return slot.to_hf(cache[slot.leaf][slot.index])
+
+    shapes = {s.hf: _hf_shape(s, cfg) for s in todo}
+    shards = list(_split(todo, shapes, max_shard_bytes))
+    written = []
+    for n, shard in enumerate(shards, 1):
+        name = (
+            "model.safetensors"
+            if len(shards) == 1
+            else (f"model-{n:05d}-of-{len(shards):05d}.safetensors")
+        )
+        _write_safetensors(out / name, [(s.hf, shapes[s.hf], lambda s=s: fetch(s)) for s in shard])
+        written.append(out / name)
+    ckpt.close()
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(4 * math.prod(v) for v in shapes.values())},
+            "weight_map": {
+                s.hf: p.name for p, shard in zip(written, shards, strict=True) for s in shard
+            },
+        }
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+    written.append(out / "config.json")
+    if (workdir / "tokenizer.json").is_file():
+        shutil.copyfile(workdir / "tokenizer.json", out / "tokenizer.json")
+        written.append(out / "tokenizer.json")
+    return written
+
+
+def _hf_shape(slot: Slot, cfg: Config) -> tuple[int, ...]:
+    """Shape of the HF tensor of a slot, from the config alone (headers precede data)."""
+    m, e = cfg.model, cfg.moe
+    d, f = m.d_model, e.d_expert
+    q_rows, kv_rows = m.n_heads * (d // m.n_heads), m.n_kv_heads * (d // m.n_heads)
+    name = slot.hf
+    for suffix, shape in (
+        ("embed_tokens.weight", (m.vocab_size, d)),
+        ("lm_head.weight", (m.vocab_size, d)),
+        ("norm.weight", (d,)),  # also input_/post_attention_layernorm
+        ("q_proj.weight", (q_rows, d)),
+        ("k_proj.weight", (kv_rows, d)),
+        ("v_proj.weight", (kv_rows, d)),
+        ("o_proj.weight", (d, q_rows)),
+        ("gate.weight", (e.num_experts, d)),
+        ("w1.weight", (f, d)),
+        ("w3.weight", (f, d)),
+        ("w2.weight", (d, f)),
+    ):
+        if name.endswith(suffix):
+            return shape
+    raise AssertionError(name)
+
+
+def _split(todo: list[Slot], shapes, max_bytes: int) -> Iterator[list[Slot]]:
+    """Consecutive runs of slots of at most max_bytes (float32) each."""
+    shard, size = [], 0
+    for slot in todo:
+        n = 4 * math.prod(shapes[slot.hf])
+        if shard and size + n > max_bytes:
+            yield shard
+            shard, size = [], 0
+        shard.append(slot)
+        size += n
+    if shard:
+        yield shard
+
+
+def _write_safetensors(path: Path, tensors: list[tuple[str, tuple, Callable]]) -> None:
+    """A float32 safetensors file written one tensor at a time.
+
+    The format is an 8-byte little-endian header length, a JSON header of names, dtypes,
+    shapes and byte ranges, then the raw little-endian data, so the header can be computed
+    from shapes alone and each tensor fetched only when its bytes are due.
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, _ in tensors:
+        n = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, shape, fetch in tensors:
+            value = np.ascontiguousarray(fetch(), dtype="<f4")
+            assert value.shape == tuple(shape), (name, value.shape, shape)
+            f.write(value.tobytes())
+    tmp.replace(path)
