@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from sparsemodel import sharding
+from sparsemodel import dispatch, sharding
 from sparsemodel.config import Config
 from sparsemodel.grouped_matmul import block_swiglu
 from sparsemodel.layers import param, swiglu
@@ -346,25 +346,31 @@ def token_choice(cfg: Config, w, x_td, routing: Routing, n_experts: int):
     handled elsewhere (or padding).
     """
     e = cfg.moe
-    valid = routing.experts < n_experts
+    kept = routing.experts < n_experts
     if e.dispatch == "capacity":
         capacity = expert_capacity(x_td.shape[0], e.top_k, e.num_experts, e.capacity_factor)
-        rows, keep = capacity_rows(routing.experts, n_experts, capacity)
+        rows, kept = dispatch.capacity_rows(routing.experts, n_experts, capacity)
+        layout = dispatch.layout_from_rows(rows, n_experts * capacity)
         with jax.named_scope("dispatch"):
-            xb = gather_rows(x_td, rows, n_experts * capacity)
+            xb = dispatch.dispatch(x_td, layout)  # [E * C, D]
         with jax.named_scope("experts"):
             yb = batched_experts(w, xb.reshape(n_experts, capacity, -1))
-        return combine_rows(yb.reshape(n_experts * capacity, -1), rows, routing, keep), keep
-    if grouped_matmul_kind(cfg) == "ragged_dot":
-        return dropless_ragged(w, x_td, routing, n_experts), valid
-    return dropless_blocks(w, x_td, routing, n_experts, e.block_size), valid
+        y_rd = yb.reshape(n_experts * capacity, -1)
+    elif grouped_matmul_kind(cfg) == "ragged_dot":
+        y_rd, layout = dropless_ragged(w, x_td, routing, n_experts)
+    else:
+        y_rd, layout = dropless_blocks(w, x_td, routing, n_experts, e.block_size)
+    with jax.named_scope("combine"):
+        return dispatch.combine(y_rd, jnp.where(kept, routing.weights, 0.0), layout), kept
 
 
 def dropless_blocks(w, x_td, routing: Routing, n_experts: int, block: int):
-    rows, block_expert, n_blocks = block_rows(routing.experts, n_experts, block)
-    total_rows = block_expert.shape[0] * block
+    """Each expert's rows padded to whole blocks, run block by block: -> (y [R, D], layout)."""
+    rows, block_expert, n_blocks = dispatch.block_rows(routing.experts, n_experts, block)
+    n_rows = block_expert.shape[0] * block
+    layout = dispatch.layout_from_rows(rows, n_rows)
     with jax.named_scope("dispatch"):
-        xr = gather_rows(x_td, rows, total_rows)  # [N_blocks * B, D]
+        xr = dispatch.dispatch(x_td, layout)  # [N_blocks * B, D]
     with jax.named_scope("experts"):
         yr = block_swiglu(
             xr.reshape(-1, block, xr.shape[-1]),
@@ -374,28 +380,26 @@ def dropless_blocks(w, x_td, routing: Routing, n_experts: int, block: int):
             w["up"],
             w["down"],
         )
-    keep = routing.experts < n_experts
-    return combine_rows(yr.reshape(total_rows, -1), rows, routing, keep)
+    return yr.reshape(n_rows, -1), layout
 
 
 def dropless_ragged(w, x_td, routing: Routing, n_experts: int):
+    """Rows sorted by expert through `ragged_dot` (GPU/TPU): -> (y [T*k, D], layout).
+
+    ragged_dot needs every row in a group: rows for no local expert ride in the last group
+    and get weight zero in the combine.
+    """
     dtype = x_td.dtype
-    n, k = routing.experts.shape
     flat_e = routing.experts.reshape(-1)  # [A]; n_experts marks "not here"
-    order = jnp.argsort(flat_e, stable=True)
-    # ragged_dot needs every row in a group: rows for no local expert ride in the last
-    # group and get weight zero in the combine.
+    layout = dispatch.layout_from_order(jnp.argsort(flat_e, stable=True), routing.experts.shape[1])
     group_sizes = jnp.bincount(jnp.minimum(flat_e, n_experts - 1), length=n_experts)
     with jax.named_scope("dispatch"):
-        xs = x_td[order // k]  # [A, D] rows sorted by expert
+        xs = dispatch.dispatch(x_td, layout)  # [A, D] rows sorted by expert
     with jax.named_scope("experts"):
         g = jax.lax.ragged_dot(xs, w["gate"].astype(dtype), group_sizes)
         u = jax.lax.ragged_dot(xs, w["up"].astype(dtype), group_sizes)
         ys = jax.lax.ragged_dot(jax.nn.silu(g) * u, w["down"].astype(dtype), group_sizes)
-    with jax.named_scope("combine"):
-        y_a = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)  # unsort -> [T, k, D]
-        wts = jnp.where(routing.experts < n_experts, routing.weights, 0.0)
-        return jnp.einsum("tkd,tk->td", y_a, wts.astype(dtype))
+    return ys, layout
 
 
 # ----------------------------------------------------------------- expert choice
@@ -424,72 +428,3 @@ def expert_choice(cfg: Config, w, x_td, probs, mask_t, offset):
         y = jnp.zeros_like(x_td).at[token_ec.reshape(-1)].add(contrib)
     served = jnp.zeros((t,), jnp.float32).at[token_ec.reshape(-1)].add(taken.reshape(-1))
     return y, served, taken.sum(-1).astype(jnp.float32)
-
-
-# -------------------------------------------------------------- index-based dispatch
-
-
-def _rank_within_expert(flat_e, n_experts: int):
-    """Position of each assignment among those of its expert, in token-major order.
-
-    flat_e [A] (n_experts = none). Returns rank [A] and counts [E+1]. A stable sort keeps
-    token-major order inside each expert, which is the capacity priority order.
-    """
-    n = flat_e.shape[0]
-    order = jnp.argsort(flat_e, stable=True)
-    counts = jnp.bincount(flat_e, length=n_experts + 1)
-    starts = jnp.cumsum(counts) - counts
-    rank_sorted = jnp.arange(n) - starts[flat_e[order]]
-    rank = jnp.zeros((n,), jnp.int32).at[order].set(rank_sorted.astype(jnp.int32))
-    return rank, counts
-
-
-def capacity_rows(experts_tk, n_experts: int, capacity: int):
-    """Row of each assignment in an [E*C] buffer (E*C = dropped) and the keep mask [T, k]."""
-    flat_e = experts_tk.reshape(-1)
-    rank, _ = _rank_within_expert(flat_e, n_experts)
-    keep = (rank < capacity) & (flat_e < n_experts)
-    rows = jnp.where(keep, flat_e * capacity + rank, n_experts * capacity)
-    return rows.reshape(experts_tk.shape), keep.reshape(experts_tk.shape)
-
-
-def block_rows(experts_tk, n_experts: int, block: int):
-    """Dropless layout: each expert's rows padded to a multiple of `block`.
-
-    Returns rows [T, k] (index into the padded buffer; unassigned -> one past the end),
-    block_expert [N_blocks] (the expert of each block) and the number of blocks in use.
-    N_blocks = ceil(A/block) + E is a static bound on sum_e ceil(count_e / block).
-    """
-    flat_e = experts_tk.reshape(-1)
-    n_assign = flat_e.shape[0]
-    n_blocks = -(-n_assign // block) + n_experts
-    rank, counts = _rank_within_expert(flat_e, n_experts)
-    blocks_per_expert = -(-counts[:n_experts] // block)  # [E]
-    block_end = jnp.cumsum(blocks_per_expert)  # [E]
-    block_start = block_end - blocks_per_expert
-    safe_e = jnp.minimum(flat_e, n_experts - 1)
-    rows = jnp.where(flat_e < n_experts, block_start[safe_e] * block + rank, n_blocks * block)
-    block_expert = jnp.searchsorted(block_end, jnp.arange(n_blocks), side="right")
-    block_expert = jnp.minimum(block_expert, n_experts - 1).astype(jnp.int32)
-    return rows.reshape(experts_tk.shape), block_expert, block_end[-1]
-
-
-def gather_rows(x_td, rows_tk, n_rows: int):
-    """Buffer [n_rows, D] whose row r holds the token assigned to r (zeros if none)."""
-    t, k = rows_tk.shape
-    token = jnp.broadcast_to(jnp.arange(t)[:, None], (t, k)).reshape(-1)
-    # Invert the assignment -> row map with an integer scatter, then gather the features:
-    # O(A) indices plus O(rows * D) copy, never a [T, E, C] one-hot.
-    src = jnp.full((n_rows + 1,), t, jnp.int32).at[rows_tk.reshape(-1)].set(token)[:n_rows]
-    x_pad = jnp.concatenate([x_td, jnp.zeros((1, x_td.shape[1]), x_td.dtype)])  # row T = zeros
-    return x_pad[src]
-
-
-def combine_rows(y_rd, rows_tk, routing: Routing, keep_tk):
-    """y[t] = sum_j w[t, j] * y_rd[rows[t, j]] over kept assignments: [T, D]."""
-    with jax.named_scope("combine"):
-        y_pad = jnp.concatenate([y_rd, jnp.zeros((1, y_rd.shape[1]), y_rd.dtype)])
-        rows = jnp.minimum(rows_tk, y_rd.shape[0])
-        y_tkd = y_pad[rows]  # [T, k, D]
-        w = jnp.where(keep_tk, routing.weights, 0.0).astype(y_rd.dtype)
-        return jnp.einsum("tkd,tk->td", y_tkd, w)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsemodel import config, moe
+from sparsemodel import config, dispatch, moe
 
 D_MODEL, D_EXPERT = 32, 48  # different sizes, so a transposed weight cannot go unnoticed
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -211,7 +211,7 @@ def test_expert_capacity_formula():
 def test_capacity_rows_by_hand():
     e_pad = 4  # E marks a padding token
     experts = jnp.array([[0, 1], [0, 2], [0, 1], [e_pad, e_pad], [1, 0]], jnp.int32)
-    rows, keep = moe.capacity_rows(experts, n_experts=4, capacity=2)
+    rows, keep = dispatch.capacity_rows(experts, n_experts=4, capacity=2)
     # Token-major ranks: e0 <- (0,0) (1,0) (2,0)x (4,1)x ; e1 <- (0,1) (2,1) (4,0)x ; e2 <- (1,1).
     # Row = e * C + rank for kept assignments, E * C = 8 for dropped and padding ones.
     np.testing.assert_array_equal(np.asarray(rows), [[0, 2], [1, 4], [8, 3], [8, 8], [8, 8]])
@@ -522,3 +522,43 @@ def test_dropless_blocks_cost_does_not_scale_with_experts(monkeypatch):
     assert e8 >= dense, "the count must include every block's matmuls"
     assert e32 / e8 < 1.5, (e8, e32)
     assert e8 < 2 * dense and e32 < 2 * dense, (e8, e32, dense)
+
+
+# ------------------------------------------------------------------ dispatch by index
+
+
+@pytest.mark.parametrize("kind", ["capacity", "order"])
+def test_dispatch_and_combine_gradients_equal_plain_indexing(kind):
+    # dispatch/combine have hand-written backward passes (gathers, no scatter-add): they
+    # must equal autodiff through plain indexing, drops and empty rows included.
+    n_tokens, k, n_experts, d = 12, 2, 4, 3
+    experts = jax.random.randint(jax.random.key(0), (n_tokens, k), 0, n_experts + 1)
+    if kind == "capacity":  # E marks padding; capacity 2 drops some assignments
+        rows, keep = dispatch.capacity_rows(experts, n_experts, 2)
+        layout = dispatch.layout_from_rows(rows, n_experts * 2)
+    else:
+        order = jnp.argsort(experts.reshape(-1), stable=True)
+        layout, keep = dispatch.layout_from_order(order, k), experts < n_experts
+    n_rows = layout.source.shape[0]
+    x = jax.random.normal(jax.random.key(1), (n_tokens, d))
+    y_rows = jax.random.normal(jax.random.key(2), (n_rows, d))
+    wts = jnp.where(keep, jax.random.uniform(jax.random.key(3), (n_tokens, k)), 0.0)
+
+    def plain_dispatch(x):
+        x_pad = jnp.concatenate([x, jnp.zeros((1, d))])
+        return x_pad[layout.source // k]
+
+    def plain_combine(y, w):
+        y_pad = jnp.concatenate([y, jnp.zeros((1, d))])
+        return jnp.einsum("tkd,tk->td", y_pad[layout.rows], w)
+
+    probe_r = jax.random.normal(jax.random.key(4), (n_rows, d))
+    probe_t = jax.random.normal(jax.random.key(5), (n_tokens, d))
+    got = jax.grad(lambda x: jnp.sum(dispatch.dispatch(x, layout) * probe_r))(x)
+    want = jax.grad(lambda x: jnp.sum(plain_dispatch(x) * probe_r))(x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL)
+    np.testing.assert_allclose(np.asarray(dispatch.dispatch(x, layout)), plain_dispatch(x))
+    got = jax.grad(lambda y, w: jnp.sum(dispatch.combine(y, w, layout) * probe_t), (0, 1))
+    want = jax.grad(lambda y, w: jnp.sum(plain_combine(y, w) * probe_t), (0, 1))
+    for g, w_ in zip(got(y_rows, wts), want(y_rows, wts), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w_), **TOL)

@@ -1,0 +1,139 @@
+"""Dispatch and combine by index: assignments to an expert-major buffer of rows and back.
+
+Every token-choice path (capacity, dropless blocks, ragged_dot) places each assignment
+(token t, choice j) on one row of a buffer grouped by expert, runs the experts on the
+buffer, and combines the rows back into tokens. A `Layout` holds that placement both ways:
+
+    rows[t, j]   the buffer row of assignment (t, j), or R (no row: dropped, a padding
+                 token, or an expert on another device)
+    source[r]    the assignment on row r as t * k + j, or T * k (an empty row)
+
+Why both directions: the gradient of a gather is a scatter-add, which XLA:CPU runs as a
+serial loop over rows. Each row holds at most one assignment, so the gradient of gathering
+by `source` is a gather by `rows` and vice versa: dispatch and combine are gathers in both
+passes, and no [T, E, C] one-hot tensor is ever built.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Layout(NamedTuple):
+    rows: jax.Array  # [T, k] int32 buffer row of each assignment; R = none
+    source: jax.Array  # [R] int32 assignment (t * k + j) on each row; T * k = empty
+
+
+def layout_from_rows(rows_tk, n_rows: int) -> Layout:
+    """Inverts assignment -> row (rows >= n_rows mean none) with one integer scatter."""
+    n_assign = rows_tk.size
+    assignment = jnp.arange(n_assign, dtype=jnp.int32)
+    source = jnp.full((n_rows + 1,), n_assign, jnp.int32)
+    source = source.at[jnp.minimum(rows_tk.reshape(-1), n_rows)].set(assignment)[:n_rows]
+    return Layout(jnp.minimum(rows_tk, n_rows).astype(jnp.int32), source)
+
+
+def layout_from_order(order_a, k: int) -> Layout:
+    """The layout of a permutation: row r holds assignment order[r] (every row used)."""
+    n_assign = order_a.shape[0]
+    rows = jnp.zeros((n_assign,), jnp.int32).at[order_a].set(jnp.arange(n_assign, dtype=jnp.int32))
+    return Layout(rows.reshape(-1, k), order_a.astype(jnp.int32))
+
+
+def rank_within_expert(flat_e, n_experts: int):
+    """Position of each assignment among those of its expert, in token-major order.
+
+    flat_e [A] (n_experts = none). Returns rank [A] and counts [E+1]. A stable sort keeps
+    token-major order inside each expert, which is the capacity priority order.
+    """
+    n = flat_e.shape[0]
+    order = jnp.argsort(flat_e, stable=True)
+    counts = jnp.bincount(flat_e, length=n_experts + 1)
+    starts = jnp.cumsum(counts) - counts
+    rank_sorted = jnp.arange(n) - starts[flat_e[order]]
+    rank = jnp.zeros((n,), jnp.int32).at[order].set(rank_sorted.astype(jnp.int32))
+    return rank, counts
+
+
+def capacity_rows(experts_tk, n_experts: int, capacity: int):
+    """Row of each assignment in an [E*C] buffer (E*C = dropped) and the keep mask [T, k]."""
+    flat_e = experts_tk.reshape(-1)
+    rank, _ = rank_within_expert(flat_e, n_experts)
+    keep = (rank < capacity) & (flat_e < n_experts)
+    rows = jnp.where(keep, flat_e * capacity + rank, n_experts * capacity)
+    return rows.reshape(experts_tk.shape), keep.reshape(experts_tk.shape)
+
+
+def block_rows(experts_tk, n_experts: int, block: int):
+    """Dropless layout: each expert's rows padded to a multiple of `block`.
+
+    Returns rows [T, k] (index into the padded buffer; unassigned -> one past the end),
+    block_expert [N_blocks] (the expert of each block) and the number of blocks in use.
+    N_blocks = ceil(A/block) + E is a static bound on sum_e ceil(count_e / block).
+    """
+    flat_e = experts_tk.reshape(-1)
+    n_assign = flat_e.shape[0]
+    n_blocks = -(-n_assign // block) + n_experts
+    rank, counts = rank_within_expert(flat_e, n_experts)
+    blocks_per_expert = -(-counts[:n_experts] // block)  # [E]
+    block_end = jnp.cumsum(blocks_per_expert)  # [E]
+    block_start = block_end - blocks_per_expert
+    safe_e = jnp.minimum(flat_e, n_experts - 1)
+    rows = jnp.where(flat_e < n_experts, block_start[safe_e] * block + rank, n_blocks * block)
+    block_expert = jnp.searchsorted(block_end, jnp.arange(n_blocks), side="right")
+    block_expert = jnp.minimum(block_expert, n_experts - 1).astype(jnp.int32)
+    return rows.reshape(experts_tk.shape), block_expert, block_end[-1]
+
+
+def _take(x, idx):
+    """x[idx] along axis 0, zeros where idx is out of range (the 'none' markers)."""
+    return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
+
+
+@jax.custom_vjp
+def dispatch(x_td, layout: Layout):
+    """Buffer [R, D] whose row r holds the features of the token assigned to it (or 0)."""
+    return _take(x_td, layout.source // layout.rows.shape[1])
+
+
+def _dispatch_fwd(x_td, layout):
+    return dispatch(x_td, layout), layout
+
+
+def _dispatch_bwd(layout, d_rd):
+    t, k = layout.rows.shape
+    d_tkd = _take(d_rd, layout.rows.reshape(-1)).reshape(t, k, -1)  # [T, k, D]
+    return d_tkd.sum(1), None
+
+
+dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+@jax.custom_vjp
+def combine(y_rd, weights_tk, layout: Layout):
+    """y[t] = sum_j weights[t, j] * y_rd[rows[t, j]] (rows with no row add 0): [T, D]."""
+    t, k = layout.rows.shape
+    y_tkd = _take(y_rd, layout.rows.reshape(-1)).reshape(t, k, -1)  # [T, k, D]
+    return jnp.einsum("tkd,tk->td", y_tkd, weights_tk.astype(y_rd.dtype))
+
+
+def _combine_fwd(y_rd, weights_tk, layout):
+    return combine(y_rd, weights_tk, layout), (y_rd, weights_tk, layout)
+
+
+def _combine_bwd(res, d_td):
+    y_rd, weights_tk, layout = res
+    t, k = layout.rows.shape
+    # d y_rd[r] = weight of the assignment on r * d_out of its token: gathers by source.
+    w_r = _take(weights_tk.reshape(-1), layout.source).astype(y_rd.dtype)  # [R]
+    d_rd = w_r[:, None] * _take(d_td, layout.source // k)  # [R, D]
+    # d weights[t, j] = <y_rd[rows[t, j]], d_out[t]>: recompute the gather, no residual.
+    y_tkd = _take(y_rd, layout.rows.reshape(-1)).reshape(t, k, -1)
+    d_w = jnp.einsum("tkd,td->tk", y_tkd, d_td).astype(weights_tk.dtype)
+    return d_rd, d_w, None
+
+
+combine.defvjp(_combine_fwd, _combine_bwd)
