@@ -67,25 +67,39 @@ def capacity_rows(experts_tk, n_experts: int, capacity: int):
     return rows.reshape(experts_tk.shape), keep.reshape(experts_tk.shape)
 
 
-def block_rows(experts_tk, n_experts: int, block: int):
-    """Dropless layout: each expert's rows padded to a multiple of `block`.
+class Blocks(NamedTuple):
+    """Dropless layout: each expert's rows padded to whole blocks of `block` rows."""
 
-    Returns rows [T, k] (index into the padded buffer; unassigned -> one past the end),
-    block_expert [N_blocks] (the expert of each block) and the number of blocks in use.
-    N_blocks = ceil(A/block) + E is a static bound on sum_e ceil(count_e / block).
+    rows: jax.Array  # [T, k] row of each assignment in the padded buffer; R = none
+    first_block: jax.Array  # [E] index of each expert's first block
+    n_blocks: jax.Array  # [E] blocks of each expert: ceil(count_e / block)
+    block_expert: jax.Array  # [N] expert of each block (static bound N, see block_rows)
+    n_used: jax.Array  # [] blocks in use; blocks n_used..N-1 are padding
+
+
+def block_rows(experts_tk, n_experts: int, block: int) -> Blocks:
+    """Places each expert's assignments in whole blocks, in token-major order.
+
+    The buffer has N = ceil(A/block) + E blocks, a static bound on sum_e ceil(count_e/block).
     """
     flat_e = experts_tk.reshape(-1)
     n_assign = flat_e.shape[0]
-    n_blocks = -(-n_assign // block) + n_experts
+    n_total = -(-n_assign // block) + n_experts
     rank, counts = rank_within_expert(flat_e, n_experts)
-    blocks_per_expert = -(-counts[:n_experts] // block)  # [E]
-    block_end = jnp.cumsum(blocks_per_expert)  # [E]
-    block_start = block_end - blocks_per_expert
+    n_blocks = -(-counts[:n_experts] // block)  # [E]
+    block_end = jnp.cumsum(n_blocks)  # [E]
+    first_block = block_end - n_blocks
     safe_e = jnp.minimum(flat_e, n_experts - 1)
-    rows = jnp.where(flat_e < n_experts, block_start[safe_e] * block + rank, n_blocks * block)
-    block_expert = jnp.searchsorted(block_end, jnp.arange(n_blocks), side="right")
+    rows = jnp.where(flat_e < n_experts, first_block[safe_e] * block + rank, n_total * block)
+    block_expert = jnp.searchsorted(block_end, jnp.arange(n_total), side="right")
     block_expert = jnp.minimum(block_expert, n_experts - 1).astype(jnp.int32)
-    return rows.reshape(experts_tk.shape), block_expert, block_end[-1]
+    return Blocks(
+        rows.reshape(experts_tk.shape).astype(jnp.int32),
+        first_block.astype(jnp.int32),
+        n_blocks.astype(jnp.int32),
+        block_expert,
+        block_end[-1],
+    )
 
 
 def _take(x, idx):

@@ -44,7 +44,7 @@ from jax.sharding import PartitionSpec as P
 
 from sparsemodel import dispatch, sharding
 from sparsemodel.config import Config
-from sparsemodel.grouped_matmul import block_swiglu
+from sparsemodel.grouped_matmul import grouped_swiglu
 from sparsemodel.layers import param, swiglu
 
 # Logical axes of the layer's weights: used to create them and to shard_map over them.
@@ -366,20 +366,14 @@ def token_choice(cfg: Config, w, x_td, routing: Routing, n_experts: int):
 
 def dropless_blocks(w, x_td, routing: Routing, n_experts: int, block: int):
     """Each expert's rows padded to whole blocks, run block by block: -> (y [R, D], layout)."""
-    rows, block_expert, n_blocks = dispatch.block_rows(routing.experts, n_experts, block)
-    n_rows = block_expert.shape[0] * block
-    layout = dispatch.layout_from_rows(rows, n_rows)
+    blocks = dispatch.block_rows(routing.experts, n_experts, block)
+    n_rows = blocks.block_expert.shape[0] * block
+    layout = dispatch.layout_from_rows(blocks.rows, n_rows)
     with jax.named_scope("dispatch"):
         xr = dispatch.dispatch(x_td, layout)  # [N_blocks * B, D]
     with jax.named_scope("experts"):
-        yr = block_swiglu(
-            xr.reshape(-1, block, xr.shape[-1]),
-            block_expert,
-            n_blocks,
-            w["gate"],
-            w["up"],
-            w["down"],
-        )
+        x_nbd = xr.reshape(-1, block, xr.shape[-1])
+        yr = grouped_swiglu(x_nbd, blocks, w["gate"], w["up"], w["down"])
     return yr.reshape(n_rows, -1), layout
 
 

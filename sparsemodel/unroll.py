@@ -24,6 +24,11 @@ def unrolled_loops():
         _UNROLL.reset(token)
 
 
+def unrolling() -> bool:
+    """True inside `unrolled_loops()`: code with dynamic trip counts takes a countable form."""
+    return _UNROLL.get()
+
+
 def scan_unroll() -> bool | int:
     """The `unroll` argument for jax.lax.scan at the current trace."""
     return True if _UNROLL.get() else 1

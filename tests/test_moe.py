@@ -17,6 +17,8 @@ import pytest
 from flax import nnx
 
 from sparsemodel import config, dispatch, moe
+from sparsemodel import grouped_matmul as gm
+from sparsemodel.unroll import unrolled_loops
 
 D_MODEL, D_EXPERT = 32, 48  # different sizes, so a transposed weight cannot go unnoticed
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -472,8 +474,9 @@ def _trip_counted_flops(monkeypatch, fn, args, trips: int) -> float:
         finally:
             monkeypatch.setattr(jax.lax, "scan", scan)
 
-    rolled = count(1)
-    return rolled + (trips - 1) * (count(2) - rolled)
+    with unrolled_loops():  # the MoE layer's countable (static-bound) block form
+        rolled = count(1)
+        return rolled + (trips - 1) * (count(2) - rolled)
 
 
 @pytest.mark.slow
@@ -562,3 +565,32 @@ def test_dispatch_and_combine_gradients_equal_plain_indexing(kind):
     want = jax.grad(lambda y, w: jnp.sum(plain_combine(y, w) * probe_t), (0, 1))
     for g, w_ in zip(got(y_rows, wts), want(y_rows, wts), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w_), **TOL)
+
+
+def test_counted_block_form_equals_the_per_expert_loops():
+    # Training runs expert_swiglu; cost analysis counts block_swiglu. Same values and
+    # gradients, with some experts given no rows at all.
+    n_tokens, k, n_experts, d, f, block = 10, 2, 6, 8, 12, 3
+    experts = jnp.array(np.random.default_rng(0).choice([0, 2, 3, 5], (n_tokens, k)), jnp.int32)
+    blocks = dispatch.block_rows(experts, n_experts, block)
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], (blocks.block_expert.shape[0], block, d))
+    w = [
+        0.3 * jax.random.normal(keys[1], (n_experts, d, f)),
+        0.3 * jax.random.normal(keys[2], (n_experts, d, f)),
+        0.3 * jax.random.normal(keys[3], (n_experts, f, d)),
+    ]
+    used = np.arange(x.shape[0]) < int(blocks.n_used)
+    x = x * jnp.asarray(used)[:, None, None]  # padding blocks hold zeros, as dispatched
+
+    def loss(x, *w):
+        return jnp.sum(jnp.sin(gm.grouped_swiglu(x, blocks, *w)))
+
+    value_and_grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
+    with unrolled_loops():
+        want = value_and_grads(x, *w)  # traced here: the counted block form
+    got = value_and_grads(x, *w)
+    np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-6)
+    for g, w_ in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w_), rtol=1e-5, atol=1e-6)
+    assert not np.any(np.asarray(got[1][1])[[1, 4]]), "experts without rows get zero gradient"
