@@ -2,7 +2,8 @@
 
 Both restore parameters only (no optimizer state) onto whatever devices are present: the
 restore target carries shardings for a fresh all-data mesh, whatever mesh trained it.
-The model config always comes from the workdir's config.yaml.
+The model config always comes from the workdir's config.yaml, the tokenizer from
+`tokenizer.for_workdir` (bytes, or the workdir's tokenizer.json).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from flax import nnx
 from sparsemodel import config as config_lib
 from sparsemodel import data as data_lib
 from sparsemodel import sharding
+from sparsemodel import tokenizer as tokenizer_lib
 from sparsemodel.checkpoint import Checkpointer, CheckpointError
 from sparsemodel.config import Config, ConfigError, MeshConfig
 from sparsemodel.params import abstract_params
-from sparsemodel.tokenizer import ByteTokenizer
 from sparsemodel.train import evaluate_batches, make_eval_step
 
 
@@ -34,9 +35,13 @@ class Restored:
     graphdef: nnx.GraphDef
     params: nnx.State
     mesh: jax.sharding.Mesh
+    workdir: Path | None = None
 
     def model(self):
         return nnx.merge(self.graphdef, self.params)
+
+    def tokenizer(self) -> tokenizer_lib.Tokenizer:
+        return tokenizer_lib.for_workdir(self.cfg, self.workdir or Path("."))
 
 
 def restore(workdir: str | Path, step: int | None = None) -> Restored:
@@ -57,7 +62,7 @@ def restore(workdir: str | Path, step: int | None = None) -> Restored:
     graphdef, target = abstract_params(cfg, mesh)
     params, _, _ = ckpt.restore(step, target)
     ckpt.close()
-    return Restored(cfg, step, graphdef, params, mesh)
+    return Restored(cfg, step, graphdef, params, mesh, workdir)
 
 
 @dataclass
@@ -82,13 +87,17 @@ def evaluate(
     """Loss on the held-out split of the training source, or on all of `source`.
 
     At most `max_tokens` tokens (None: everything), in windows spread evenly over the text.
+    Bits per byte divide the nats by the bytes of text the evaluated tokens stand for, so
+    they compare across tokenizers.
     """
     t = r.cfg.train
+    tok = r.tokenizer()
     if source is None:
-        corpus = data_lib.load_corpus(r.cfg.data.source, r.cfg.data.val_fraction)
-        tokens, name = corpus.val, f"{r.cfg.data.source} (validation split)"
+        raw = data_lib.load_corpus(r.cfg.data.source, r.cfg.data.val_fraction)
+        tokens = data_lib.tokenize(raw, tok, r.workdir, log=_quiet).val
+        name = f"{r.cfg.data.source} (validation split)"
     else:
-        tokens, name = _all_tokens(source), source
+        tokens, name = _all_tokens(source, tok, r.workdir), source
     div = sharding.batch_divisor(r.mesh)
     batch = batch_size or max(div, t.batch_size // div * div)
     seq = min(t.seq_len, len(tokens) - 1)
@@ -103,7 +112,9 @@ def evaluate(
     )
     eval_step = jax.jit(make_eval_step(r.graphdef))
     loss, n = evaluate_batches(eval_step, r.params, batches, r.mesh)
-    bytes_per_token = ByteTokenizer().bytes_per_token(tokens)
+    # Every process counts the bytes of the whole global batch (not just its share).
+    n_bytes = bytes_covered(data_lib.eval_batches(tokens, seq, batch, max_batches), tok)
+    bytes_per_token = n_bytes / n if n_bytes else 1.0  # exactly 1.0 for bytes
     return EvalResult(
         loss=loss,
         perplexity=math.exp(loss),
@@ -114,10 +125,28 @@ def evaluate(
     )
 
 
-def _all_tokens(source: str) -> np.ndarray:
+def bytes_covered(batches, tok: tokenizer_lib.Tokenizer) -> int:
+    """Bytes of text that the targets (all tokens but the first) of batches [B, S+1] stand
+    for; 0 when some id is outside the tokenizer (pre-tokenized data: bytes unknown)."""
+    lengths = tok.byte_lengths()
+    total = 0
+    for b in batches:
+        targets = b[:, 1:]
+        if targets.size and int(targets.max()) >= len(lengths):
+            return 0
+        total += int(lengths[targets].sum())
+    return total
+
+
+def _all_tokens(source: str, tok: tokenizer_lib.Tokenizer, workdir: Path | None) -> np.ndarray:
     """Every token of a file or directory (no train/validation split)."""
-    corpus = data_lib.load_corpus(source, val_fraction=1e-9)
+    raw = data_lib.load_corpus(source, val_fraction=1e-9)
+    corpus = data_lib.tokenize(raw, tok, workdir, log=_quiet)
     return np.concatenate([corpus.train, corpus.val])
+
+
+def _quiet(_line: str) -> None:
+    pass
 
 
 # ------------------------------------------------------------------------- sampling
@@ -140,8 +169,10 @@ def generate(
         raise ConfigError(f"--temperature: must be >= 0, got {temperature}")
     if top_k < 0:
         raise ConfigError(f"--top-k: must be >= 0 (0 = no limit), got {top_k}")
-    tok = ByteTokenizer()
-    ids = tok.encode(prompt)[None, :]  # [1, P]
+    tok = r.tokenizer()
+    ids = tok.encode_prompt(prompt)[None, :]  # [1, P]
+    if ids.size == 0:
+        raise ConfigError(f"--prompt: {prompt!r} encodes to no tokens")
     with jax.set_mesh(r.mesh):
         out = sample(
             r.model(), jnp.asarray(ids), max_new_tokens, temperature, top_k, jax.random.key(seed)

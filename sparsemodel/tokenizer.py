@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -132,6 +133,7 @@ class JsonTokenizer:
         self.is_byte_level = _is_byte_level(spec, vocab)
         self._byte_ids = self._byte_token_ids(vocab)
         self._token_bytes = self._all_token_bytes() if self.is_byte_level else None
+        self._byte_lengths: np.ndarray | None = None
 
     @classmethod
     def from_file(cls, path: Path) -> JsonTokenizer:
@@ -141,7 +143,9 @@ class JsonTokenizer:
             return cls(HFTokenizer.from_file(str(path)), path)
         except Exception as e:  # the library raises plain Exception on a bad file
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ConfigError(f"{path}: not a tokenizers-library JSON ({reason:.200})") from None
+            raise ConfigError(
+                f"data.tokenizer: {path} is not a tokenizers-library JSON ({reason:.200})"
+            ) from None
 
     def save(self, path: Path) -> None:
         """Writes tokenizer.json atomically (temp file + rename): readers never see half."""
@@ -158,8 +162,8 @@ class JsonTokenizer:
 
     def encode_prompt(self, text: str) -> np.ndarray:
         """Ids of a prompt with the tokenizer's own start-of-sequence tokens (e.g. Llama's
-        `<s>`; a trained byte-level BPE adds none), as the model saw at the start of its
-        training sequences."""
+        `<s>`, which an imported model expects at the start of a text; a trained byte-level
+        BPE adds none)."""
         return np.asarray(self._tok.encode(text, add_special_tokens=True).ids, np.int32)
 
     def encode_corpus(self, raw: np.ndarray) -> np.ndarray:
@@ -230,6 +234,11 @@ class JsonTokenizer:
         decoder drops at the start of a text); normalizers and decoders that merge
         tokens can make the sum differ from the text's length by a few percent.
         """
+        if self._byte_lengths is None:
+            self._byte_lengths = self._count_byte_lengths()
+        return self._byte_lengths
+
+    def _count_byte_lengths(self) -> np.ndarray:
         if self._token_bytes is not None:
             return np.asarray([len(b) for b in self._token_bytes], np.int64)
         lengths = np.zeros(self.vocab_size, np.int64)
@@ -292,8 +301,8 @@ def train_bpe(raw: np.ndarray, vocab_size: int) -> JsonTokenizer:
 
     Deterministic: the same bytes give the same tokenizer.json. Non-UTF-8 bytes are left
     out of the merge statistics (they are always encodable: the 256 byte symbols are the
-    initial alphabet). Measured on two cores: the stdlib training split (30 MB) trains to
-    4,096 tokens in about 13 s, once per workdir.
+    initial alphabet). Measured on two (shared) cores: the stdlib training split (30 MB)
+    trains to 4,096 tokens in 13-21 s, once per workdir.
     """
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -332,21 +341,28 @@ def for_workdir(
     `data.tokenizer: byte` -> ByteTokenizer. `bpe` -> `<workdir>/tokenizer.json` as it is
     (whatever kind it is); if there is none and `train_bytes` is given (training), a
     byte-level BPE of `model.vocab_size` tokens is trained on train_bytes() and written
-    there. With several processes the lead (is_lead) trains and writes; every process
-    then calls `wait()` (a barrier) and reads the file: the workdir is on a shared
+    there. With several processes the lead (is_lead) trains and writes; every training
+    process then calls `wait()` (a barrier) and reads the file: the workdir is on a shared
     filesystem anyway, for checkpoints.
     """
     if cfg.data.tokenizer == "byte":
         return ByteTokenizer()
     path = Path(workdir) / TOKENIZER_FILE
-    if not path.exists():
-        if train_bytes is None:
-            raise ConfigError(
-                f"--workdir {workdir}: no {TOKENIZER_FILE} (data.tokenizer=bpe; train first)"
+    if train_bytes is None and not path.exists():
+        raise ConfigError(
+            f"--workdir {workdir}: no {TOKENIZER_FILE} (data.tokenizer=bpe; train first)"
+        )
+    if train_bytes is not None:
+        # Every process reaches the barrier, whether or not the file was already there.
+        if is_lead and not path.exists():
+            t0 = time.perf_counter()
+            trained = train_bpe(train_bytes(), cfg.model.vocab_size)
+            trained.save(path)
+            log(
+                f"trained a byte-level BPE of {trained.vocab_size} tokens (model.vocab_size="
+                f"{cfg.model.vocab_size}) on the training split in "
+                f"{time.perf_counter() - t0:.1f}s: {path}"
             )
-        if is_lead:
-            log(f"training a {cfg.model.vocab_size}-token byte-level BPE on the training split")
-            train_bpe(train_bytes(), cfg.model.vocab_size).save(path)
         wait()
     tok = JsonTokenizer.from_file(path)
     check_vocab_size(tok, cfg, path)

@@ -27,6 +27,7 @@ from flax import nnx
 from sparsemodel import config as config_lib
 from sparsemodel import data as data_lib
 from sparsemodel import flops, hardware, sharding
+from sparsemodel import tokenizer as tokenizer_lib
 from sparsemodel.checkpoint import Checkpointer
 from sparsemodel.config import Config, ConfigError
 from sparsemodel.events import EventLog
@@ -174,7 +175,7 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
     is_lead = jax.process_index() == 0
 
     # --- data ----------------------------------------------------------------------------
-    corpus = data_lib.load_corpus(cfg.data.source, cfg.data.val_fraction)
+    corpus = load_tokenized_corpus(cfg, workdir, log)
     data_lib.check_length(corpus.train, t.seq_len, t.batch_size, "train", cfg.data.source)
     data_lib.check_vocab(corpus.train, cfg.model.vocab_size, cfg.data.source)
     train_iter = data_lib.train_iterator(
@@ -315,6 +316,33 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
 
 
 # ------------------------------------------------------------------------- helpers
+
+
+def load_tokenized_corpus(cfg: Config, workdir: Path, log=print) -> data_lib.Corpus:
+    """The corpus in the workdir's tokenizer's ids (training the tokenizer the first time).
+
+    With several processes, process 0 trains and writes tokenizer.json and the token
+    cache; the others wait at a barrier, then read the same file (shared workdir).
+    """
+    raw = data_lib.load_corpus(cfg.data.source, cfg.data.val_fraction)
+    is_lead = jax.process_index() == 0
+    tok = tokenizer_lib.for_workdir(
+        cfg,
+        workdir,
+        lambda: data_lib.training_bytes(raw, cfg.data.source),
+        is_lead=is_lead,
+        wait=_barrier("tokenizer.json"),
+        log=log,
+    )
+    return data_lib.tokenize(raw, tok, workdir, write=is_lead, log=log)
+
+
+def _barrier(name: str):
+    if jax.process_count() == 1:
+        return lambda: None
+    from jax.experimental import multihost_utils
+
+    return lambda: multihost_utils.sync_global_devices(name)
 
 
 class StopRequest:

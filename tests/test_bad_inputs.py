@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsemodel import cli, config, train
+from sparsemodel import cli, config, tokenizer, train
 
 BAD = [
     # --- config keys and values
@@ -120,6 +120,37 @@ BAD = [
         "train --config tiny --set data.source={t}/big.npy",
         "data.source: {t}/big.npy holds token id 999, outside model.vocab_size=256",
     ),
+    # --- tokenizers
+    (
+        "train --config tiny --set data.tokenizer=wordpiece",
+        "data.tokenizer: 'wordpiece' is not one of byte, bpe",
+    ),
+    (
+        "train --config tiny --set data.tokenizer=bpe",
+        "model.vocab_size: data.tokenizer=bpe needs >= 257 (256 bytes + merges), got 256",
+    ),
+    (
+        "train --config tiny --set data.tokenizer=bpe model.vocab_size=2147483648",
+        "model.vocab_size: data.tokenizer=bpe needs < 2**31 (int32 token ids), got 2147483648",
+    ),
+    (
+        "train --config tiny --set model.vocab_size=100",
+        "model.vocab_size: data.tokenizer=byte needs >= 256 (one id per byte), got 100",
+    ),
+    (
+        "train --config tiny --set data.tokenizer=bpe model.vocab_size=512 data.source={t}/big.npy",
+        "data.source: {t}/big.npy is pre-tokenized: no text to train data.tokenizer=bpe on "
+        "(put the tokenizer.json that made it in the workdir)",
+    ),
+    (
+        "train --config tiny --workdir {t}/bpe400 --set data.tokenizer=bpe model.vocab_size=300",
+        "model.vocab_size: 300 is smaller than the 400 tokens of {t}/bpe400/tokenizer.json",
+    ),
+    (
+        "train --config tiny --workdir {t}/badtok --set data.tokenizer=bpe model.vocab_size=512",
+        "data.tokenizer: {t}/badtok/tokenizer.json is not a tokenizers-library JSON "
+        "(expected ident at line 1 column 2)",
+    ),
     # --- workdirs
     (
         "train --config tiny --workdir {t}/a-file",
@@ -183,6 +214,11 @@ def dirs(tmp_path_factory):
     import numpy as np
 
     np.save(t / "floats.npy", np.zeros(1000))
+    (t / "bpe400").mkdir()
+    text = np.frombuffer(Path(config.__file__).read_bytes(), np.uint8)
+    tokenizer.train_bpe(text, 400).save(t / "bpe400" / "tokenizer.json")
+    (t / "badtok").mkdir()
+    (t / "badtok" / "tokenizer.json").write_text("not json")
     np.save(t / "big.npy", np.full(5000, 999, np.int32))
     w = t / "trained"
     train.run(

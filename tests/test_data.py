@@ -436,3 +436,68 @@ def test_stdlib_corpus():
     assert corpus.train.dtype == np.uint8
     assert "stdlib" in corpus.description
     assert elapsed < 30, f"reading the stdlib took {elapsed:.1f}s"
+
+
+# ----------------------------------------------------------------------- tokenization
+
+
+@pytest.fixture(scope="module")
+def small_bpe():
+    from sparsemodel import tokenizer
+
+    text = random_text(np.random.default_rng(9), 2000)
+    return tokenizer.train_bpe(np.frombuffer(text, np.uint8), 300)
+
+
+def test_tokenize_bytes_is_the_corpus_itself(tmp_path):
+    from sparsemodel import tokenizer
+
+    write_corpus(tmp_path / "corpus")
+    corpus = data.load_corpus(str(tmp_path / "corpus"), 0.2)
+    assert data.tokenize(corpus, tokenizer.ByteTokenizer(), tmp_path) is corpus
+    assert not (tmp_path / "tokens").exists()
+
+
+def test_tokenize_bpe_round_trips_and_caches(tmp_path, small_bpe):
+    write_corpus(tmp_path / "corpus")
+    corpus = data.load_corpus(str(tmp_path / "corpus"), 0.2)
+    lines = []
+    ids = data.tokenize(corpus, small_bpe, tmp_path, log=lines.append)
+    assert ids.train.dtype == np.uint16 and len(ids.train) < 0.8 * len(corpus.train)
+    assert small_bpe.decode_bytes(ids.train) == as_bytes(corpus.train)
+    assert small_bpe.decode_bytes(ids.val) == as_bytes(corpus.val)
+    assert len(lines) == 1 and lines[0].startswith("tokenized ")
+    assert len(list((tmp_path / "tokens").glob("*.npy"))) == 2
+
+    again = data.tokenize(corpus, small_bpe, tmp_path, log=lines.append)
+    assert len(lines) == 1  # read from the cache, not encoded again
+    np.testing.assert_array_equal(again.train, ids.train)
+    np.testing.assert_array_equal(again.val, ids.val)
+
+
+def test_tokenize_cache_is_keyed_by_the_split(tmp_path, small_bpe):
+    write_corpus(tmp_path / "corpus")
+    data.tokenize(data.load_corpus(str(tmp_path / "corpus"), 0.2), small_bpe, tmp_path, log=print)
+    other = data.load_corpus(str(tmp_path / "corpus"), 0.5)
+    lines = []
+    data.tokenize(other, small_bpe, tmp_path, log=lines.append)
+    assert len(lines) == 1  # another split: encoded, not taken from the first cache
+    assert len(list((tmp_path / "tokens").glob("*.npy"))) == 4
+
+
+def test_tokenize_without_write_leaves_no_files(tmp_path, small_bpe):
+    write_corpus(tmp_path / "corpus")
+    corpus = data.load_corpus(str(tmp_path / "corpus"), 0.2)
+    data.tokenize(corpus, small_bpe, tmp_path, write=False, log=lambda s: None)
+    assert not (tmp_path / "tokens").exists()
+
+
+def test_pretokenized_arrays_are_not_tokenized_again(tmp_path, small_bpe):
+    path = tmp_path / "ids.npy"
+    np.save(path, np.arange(1000, dtype=np.int32) % 300)
+    corpus = data.load_corpus(str(path), 0.1)
+    assert corpus.pretokenized
+    assert data.tokenize(corpus, small_bpe, tmp_path) is corpus
+    with pytest.raises(data.DataError) as exc:
+        data.training_bytes(corpus, str(path))
+    assert "is pre-tokenized" in one_line_data_error(exc)
