@@ -40,7 +40,7 @@ import shutil
 import struct
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ import ml_dtypes  # noqa: F401 - registers numpy's 'bfloat16', so safetensors ca
 import numpy as np
 
 from sparsemodel import config as config_lib
-from sparsemodel.config import Config, ConfigError, DataConfig
+from sparsemodel.config import Config, ConfigError
 
 # model_types close to Mixtral that we refuse, and exactly what of theirs our model lacks.
 NOT_MAPPABLE = {
@@ -325,16 +325,14 @@ def import_hf(src: str | Path, workdir: str | Path, log=print) -> Config:
         raise ConfigError(f"{src}: no config.json (not a Hugging Face checkpoint directory)")
     hf_cfg = json.loads(cfg_path.read_text())
     cfg = config_from_hf(hf_cfg, str(cfg_path))
+    tokenizer = src / "tokenizer.json"
+    if tokenizer.is_file():
+        cfg = cfg.replace({"data.tokenizer": "bpe"})  # train/eval/generate read the copy below
     if (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
         raise ConfigError(f"--workdir {workdir}: already holds checkpoints (use a new one)")
     workdir.mkdir(parents=True, exist_ok=True)
-    tokenizer = src / "tokenizer.json"
     if tokenizer.is_file():
         shutil.copyfile(tokenizer, workdir / "tokenizer.json")
-        if "tokenizer" in {f.name for f in fields(DataConfig)}:
-            cfg = cfg.replace({"data.tokenizer": "bpe"})
-        else:
-            log("note: copied tokenizer.json, but this version trains on bytes (no data.tokenizer)")
     (workdir / "hf_config.json").write_text(json.dumps(hf_cfg, indent=2))  # for export-hf
 
     tmp = workdir / ".import-tmp"

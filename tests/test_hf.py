@@ -96,13 +96,16 @@ def test_import_matches_transformers_logits_routing_and_greedy_decoding(tmp_path
     np.testing.assert_array_equal(np.asarray(got)[0], want)
 
 
-def test_import_reads_transformers5_fused_expert_names(tmp_path):
-    """The in-memory naming of transformers 5 (gate_up_proj / down_proj stacked over experts)."""
+def test_import_reads_bfloat16_and_transformers5_fused_expert_names(tmp_path):
+    """bf16 tensors under the in-memory names of transformers 5 (gate_up_proj / down_proj
+    stacked over experts)."""
     from safetensors.torch import save_file
 
     model = tiny_mixtral(seed=3)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
     assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    # The reference: the bf16 weights in a float32 model (its RoPE buffers stay float32).
+    model.load_state_dict({k: v.float() for k, v in state.items()})
     (tmp_path / "hf").mkdir()
     save_file(state, tmp_path / "hf" / "model.safetensors")
     (tmp_path / "hf" / "config.json").write_text(model.config.to_json_string())
