@@ -157,6 +157,19 @@ def test_import_refuses_what_does_not_map_in_one_line(tmp_path, capsys, changes,
     assert not (tmp_path / "wd" / "checkpoints").exists()
 
 
+def test_import_refuses_a_tensor_with_no_place_in_mixtral(tmp_path, capsys):
+    """E.g. a q_proj bias (Qwen2-MoE style) next to otherwise Mixtral weights."""
+    from safetensors.numpy import save_file
+
+    tiny_mixtral().save_pretrained(tmp_path / "hf")
+    bias = {"model.layers.0.self_attn.q_proj.bias": np.zeros(64, np.float32)}
+    save_file(bias, tmp_path / "hf" / "extra.safetensors")
+    assert cli.main(["import-hf", str(tmp_path / "hf"), "--workdir", str(tmp_path / "wd")]) == 2
+    err = capsys.readouterr().err
+    assert "tensor model.layers.0.self_attn.q_proj.bias has no place in a Mixtral model" in err
+    assert not (tmp_path / "wd" / "config.yaml").exists()
+
+
 # ----------------------------------------------------------- fine-tune and export
 
 
