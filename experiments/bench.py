@@ -18,10 +18,23 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import peer_mixtral
 from flax import nnx
 
-from sparsemodel import config, evaluate, flops, hardware, optim, params, sharding, train
+from sparsemodel import (
+    config,
+    dispatch,
+    evaluate,
+    flops,
+    hardware,
+    moe,
+    optim,
+    params,
+    sharding,
+    train,
+)
+from sparsemodel.grouped_matmul import grouped_swiglu
 from sparsemodel.moe import MoE
 from sparsemodel.profile import profile
 
@@ -78,15 +91,71 @@ def _layer_runner(cfg, tokens: int):
             y = swiglu(x, w["gate"], w["up"], w["down"])
             return jnp.sum(y * y)
 
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-    jax.block_until_ready(grad(w, x))
+    return _runner(jax.jit(jax.grad(loss, argnums=(0, 1))), w, x)
+
+
+def _runner(fn, *args):
+    """A zero-argument callable timing fn(*args) to completion (after one warm-up call)."""
+    jax.block_until_ready(fn(*args))
 
     def run():
         t0 = time.perf_counter()
-        jax.block_until_ready(grad(w, x))
+        jax.block_until_ready(fn(*args))
         return time.perf_counter() - t0
 
     return run
+
+
+def _layer_part_runners(cfg, tokens: int) -> dict:
+    """The MoE layer's fwd+bwd cut into its stages (dropless blocks), each timed alone:
+    where the time goes beyond the expert matmuls."""
+    e = cfg.moe
+    x = jax.random.normal(jax.random.key(1), (tokens, cfg.model.d_model), jnp.float32)
+    mask = jnp.ones((tokens,), bool)
+    w = MoE(cfg, rngs=nnx.Rngs(0)).weights()
+
+    def router(w_router, x):
+        logits, probs = moe.route(cfg, w_router, x)
+        r = moe.top_k_routing(probs, mask, e.top_k, e.renormalize)
+        stats = moe.router_stats(logits, probs, r, mask)
+        return jnp.sum(r.weights) + stats.lb_loss + stats.z_loss
+
+    _, probs = moe.route(cfg, w["router"], x)
+    routing = moe.top_k_routing(probs, mask, e.top_k, e.renormalize)
+
+    def layout(experts):
+        blocks = dispatch.block_rows(experts, e.num_experts, e.block_size)
+        n_rows = blocks.block_expert.shape[0] * e.block_size
+        return blocks, dispatch.layout_from_rows(blocks.rows, n_rows)
+
+    blocks, lay = jax.jit(layout)(routing.experts)
+    xr = dispatch.dispatch(x, lay)
+    x_nbd = xr.reshape(-1, e.block_size, xr.shape[-1])
+    sq = lambda f: lambda *a: jnp.sum(f(*a) ** 2)  # noqa: E731
+    experts = sq(lambda x, g, u, d: grouped_swiglu(x, blocks, g, u, d))
+    return {
+        "router": _runner(jax.jit(jax.grad(router, (0, 1))), w["router"], x),
+        "layout": _runner(jax.jit(layout), routing.experts),
+        "dispatch": _runner(jax.jit(jax.grad(sq(dispatch.dispatch))), x, lay),
+        "experts": _runner(
+            jax.jit(jax.grad(experts, (0, 1, 2, 3))), x_nbd, w["gate"], w["up"], w["down"]
+        ),
+        "combine": _runner(
+            jax.jit(jax.grad(sq(dispatch.combine), (0, 1))), xr, routing.weights, lay
+        ),
+    }
+
+
+def _optimizer_runner(cfg):
+    """One AdamW update (with clipping) of cfg's parameters: its cost grows with total, not
+    active, parameters."""
+    mesh = sharding.make_mesh(cfg.mesh)
+    _, p = params.init_params(cfg, mesh, 0)
+    tx = optim.make_optimizer(cfg.train)
+    o = params.init_opt_state(tx, p, mesh)
+    g = jax.tree.map(lambda a: jnp.full_like(a, 1e-3), p)
+    update = jax.jit(lambda g, o, p: optax.apply_updates(p, tx.update(g, o, p)[0]))
+    return _runner(update, g, o, p)
 
 
 def alternate(runners: dict, repeats: int) -> dict[str, float]:
@@ -166,6 +235,16 @@ def main(argv=None) -> int:
         ("moe_dense_layer_ratio", f"{t['moe'] * 1e3:.1f} / {t['dense'] * 1e3:.1f} ms", "<= 1.30")
     )
 
+    parts = alternate(_layer_part_runners(small, tokens), args.repeats)
+    figures["moe_layer_parts_ms"] = {k: v * 1e3 for k, v in parts.items()}
+    rows.append(
+        (
+            "moe_layer_parts",
+            " ".join(f"{k} {v * 1e3:.1f}" for k, v in parts.items()) + " ms",
+            "report",
+        )
+    )
+
     log("3/7 train step with 32 experts vs 4 experts (top-2, same active parameters) ...")
     t = alternate(
         {
@@ -177,6 +256,23 @@ def main(argv=None) -> int:
     figures["expert_scaling_ratio"] = t["e32"] / t["e4"]
     rows.append(
         ("expert_scaling_ratio", f"{t['e32'] * 1e3:.0f} / {t['e4'] * 1e3:.0f} ms", "<= 1.15")
+    )
+    opt = alternate(
+        {
+            "e32": _optimizer_runner(small.replace({"moe.num_experts": 32})),
+            "e4": _optimizer_runner(small.replace({"moe.num_experts": 4})),
+        },
+        args.repeats,
+    )
+    without = (t["e32"] - opt["e32"]) / (t["e4"] - opt["e4"])
+    figures["expert_scaling_ratio_without_optimizer"] = without
+    figures["optimizer_ms_e32_e4"] = [opt["e32"] * 1e3, opt["e4"] * 1e3]
+    rows.append(
+        (
+            "  without the optimizer",
+            f"{without:.3f}  AdamW alone {opt['e32'] * 1e3:.0f} / {opt['e4'] * 1e3:.0f} ms",
+            "report",
+        )
     )
 
     log("4/7 compiled vs model FLOPs of the small train step ...")

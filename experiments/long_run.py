@@ -1,10 +1,12 @@
 """Long run: does memory stay flat, and what do checkpoints cost?
 
 Trains `tiny` for a few thousand steps with frequent checkpoints, then reports resident
-memory near the start and at the end (growth beyond noise would be a leak), the time the
+memory after warm-up, half-way and at the end, with the slope over the second half (the
+allocator settles in the first half; growth that goes on would be a leak), the time the
 training loop spent blocked in checkpoint saves as a fraction of wall time (target < 2%
-with async saves), and the blocking time of one async save against one synchronous save
-of the same state. Writes results JSON and a memory plot beside this file.
+with async saves), the wall time against the same run saving only its last step (the
+background writes share the CPU), and the blocking time of one async save against one
+synchronous save of the same state. Writes results JSON and a memory plot beside this file.
 
     python experiments/long_run.py [--steps 3000] [--checkpoint-every 50]
 """
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from sparsemodel import config, optim, params, sharding, train
 from sparsemodel.checkpoint import Checkpointer
@@ -47,37 +50,57 @@ def save_blocking_s(async_save: bool, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def _train(steps: int, checkpoint_every: int, workdir: Path):
+    cfg = config.load(
+        "tiny",
+        {
+            "train.steps": steps,
+            "train.checkpoint_every": checkpoint_every,
+            "train.eval_every": steps,
+            "train.log_every": 250,
+        },
+    )
+    result = train.run(cfg, workdir, log=lambda s: print(s, file=sys.stderr))
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return result, [(r["step"], r["rss_mib"]) for r in records if r.get("rss_mib") is not None]
+
+
+def _slope_mib_per_1k_steps(rss) -> float:
+    """Least-squares slope of resident memory over steps: ~0 when memory is flat."""
+    x = np.array([s for s, _ in rss], float)
+    y = np.array([v for _, v in rss], float)
+    return float(np.polyfit(x, y, 1)[0] * 1000)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--checkpoint-every", type=int, default=50)
     args = ap.parse_args(argv)
 
-    workdir = Path(tempfile.mkdtemp()) / "long"
-    cfg = config.load(
-        "tiny",
-        {
-            "train.steps": args.steps,
-            "train.checkpoint_every": args.checkpoint_every,
-            "train.eval_every": args.steps,
-            "train.log_every": 250,
-        },
-    )
-    result = train.run(cfg, workdir, log=lambda s: print(s, file=sys.stderr))
-    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    rss = [(r["step"], r["rss_mib"]) for r in records if r.get("rss_mib") is not None]
+    root = Path(tempfile.mkdtemp())
+    result, rss = _train(args.steps, args.checkpoint_every, root / "long")
+    # The same run saving only its last step: what checkpoints cost in wall time.
+    plain, _ = _train(args.steps, args.steps, root / "plain")
     start = statistics.median(v for s, v in rss if 50 <= s <= 150)  # after warm-up
-    end = statistics.median(v for s, v in rss[-100:])
+    half = [(s, v) for s, v in rss if s > args.steps // 2]
+    mid = statistics.median(v for _, v in half[:100])
+    end = statistics.median(v for _, v in rss[-100:])
     sync_s, async_s = save_blocking_s(False), save_blocking_s(True)
     figures = {
         "steps": args.steps,
         "checkpoints": args.steps // args.checkpoint_every,
         "wall_s": result.wall_s,
+        "wall_s_without_checkpoints": plain.wall_s,
         "rss_start_mib": start,
+        "rss_mid_mib": mid,
         "rss_end_mib": end,
         "rss_growth_mib": end - start,
+        "rss_growth_second_half_mib": end - mid,
+        "rss_slope_second_half_mib_per_1k_steps": _slope_mib_per_1k_steps(half),
         "checkpoint_blocking_s": result.checkpoint_s,
         "checkpoint_fraction_of_wall": result.checkpoint_s / result.wall_s,
+        "checkpoint_wall_overhead": result.wall_s / plain.wall_s - 1,
         "save_blocking_sync_s": sync_s,
         "save_blocking_async_s": async_s,
         "backend": jax.default_backend(),
@@ -86,9 +109,9 @@ def main(argv=None) -> int:
     (OUT / "long_run.json").write_text(json.dumps(figures, indent=2) + "\n")
     _plot(rss, OUT / "long_run_memory.png", args.checkpoint_every)
     for k, v in figures.items():
-        print(f"{k:<30} {v:.4g}" if isinstance(v, float) else f"{k:<30} {v}")
+        print(f"{k:<40} {v:.4g}" if isinstance(v, float) else f"{k:<40} {v}")
     print(json.dumps(figures))
-    shutil.rmtree(workdir.parent)
+    shutil.rmtree(root)
     return 0
 
 

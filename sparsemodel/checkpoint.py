@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -35,20 +37,60 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("params", "opt_state", "meta")
         )
+        # On CPU the state's buffers are host memory: a device copy costs what Orbax's own
+        # host copy would, and lets all of Orbax's per-save work (tens of ms of Python)
+        # run off the training thread. On accelerators that copy would double the state's
+        # device memory, so Orbax's async save (a device-to-host copy, then writes in the
+        # background) runs as it is.
+        self._background = async_save and jax.default_backend() == "cpu"
+        self._saving: threading.Thread | None = None
+        self._save_error: BaseException | None = None
 
     def steps(self) -> list[int]:
+        self._join()
         return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
+        self._join()
         return self.manager.latest_step()
 
     def save(self, step: int, params, opt_state, meta: dict[str, Any]) -> None:
-        """Starts writing step (returns before the write is done when async). opt_state None
-        writes parameters only: training from such a step starts a fresh optimizer."""
+        """Starts writing step; returns before the write is done when async. opt_state None
+        writes parameters only (meta records it): training from such a step starts a fresh
+        optimizer."""
+        self._join()  # one save at a time; raises if the previous one failed
+        meta = {**meta, "params_only": opt_state is None}
+        if not self._background:
+            self._save_now(step, params, opt_state, meta)
+            return
+        params, opt_state = _device_copy((params, opt_state))  # the next step donates these
+        self._saving = threading.Thread(
+            target=self._save_catching,
+            args=(step, params, opt_state, meta),
+            name=f"checkpoint-{step}",
+            daemon=True,
+        )
+        self._saving.start()
+
+    def _save_now(self, step, params, opt_state, meta) -> None:
         items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def _save_catching(self, *args) -> None:
+        try:
+            self._save_now(*args)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
+            self._save_error = e
+
+    def _join(self) -> None:
+        if self._saving is not None:
+            self._saving.join()
+            self._saving = None
+        if self._save_error is not None:
+            error, self._save_error = self._save_error, None
+            raise error
 
     def save_host_params(self, step: int, params, meta: dict[str, Any]) -> None:
         """Writes a params-only step from host numpy arrays (e.g. memmaps of a converted
@@ -79,7 +121,7 @@ class Checkpointer:
                     step,
                     args=ocp.args.Composite(
                         params=ocp.args.StandardSave(params, save_args=chunked),
-                        meta=ocp.args.JsonSave(meta),
+                        meta=ocp.args.JsonSave({**meta, "params_only": True}),
                     ),
                     force=True,
                 )
@@ -109,30 +151,26 @@ class Checkpointer:
             out = out[key]
         return out
 
-    def has_opt_state(self, step: int) -> bool:
-        return (self.directory / str(step) / "opt_state").is_dir()
-
     def restore(self, step: int, abstract_params, abstract_opt_state=None):
         """Restores onto the shardings carried by the abstract targets' ShapeDtypeStructs,
         whatever mesh wrote the checkpoint. Without abstract_opt_state, params only; opt_state is
-        None also for a step saved without one."""
-        if step not in self.manager.all_steps():
+        None also for a step saved without one (meta says so: a step that lost its
+        optimizer state is damaged, not params-only)."""
+        if step not in self.steps():
             have = ", ".join(map(str, self.steps())) or "none"
             raise CheckpointError(f"--step {step}: no such checkpoint (have: {have})")
-        items = {
-            "params": ocp.args.StandardRestore(abstract_params),
-            "meta": ocp.args.JsonRestore(),
-        }
-        if abstract_opt_state is not None and self.has_opt_state(step):
-            items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
         try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            items = {"params": ocp.args.StandardRestore(abstract_params)}
+            if abstract_opt_state is not None and not meta["meta"].get("params_only"):
+                items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds on bad files
             reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise CheckpointError(
                 f"checkpoint step {step} is damaged or incomplete: {reason}"
             ) from e
-        return out["params"], out.get("opt_state"), out["meta"]
+        return out["params"], out.get("opt_state"), meta["meta"]
 
     def restore_newest_good(self, abstract_params, abstract_opt_state, warn):
         """(step, params, opt_state, meta) of the newest checkpoint that restores, or None.
@@ -156,10 +194,17 @@ class Checkpointer:
         self.manager.reload()
 
     def wait(self) -> None:
+        self._join()
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        self.wait()
         self.manager.close()
+
+
+@jax.jit
+def _device_copy(tree):
+    return jax.tree.map(jnp.copy, tree)
 
 
 @contextlib.contextmanager

@@ -135,7 +135,7 @@ def _train(args) -> int:
         f"{result.tokens_per_s:,.0f} tokens/s; workdir {workdir}"
     )
     print(
-        f"byte-unigram entropy of the validation split: {result.unigram_entropy:.4f} nats/token "
+        f"unigram entropy of the validation split: {result.unigram_entropy:.4f} nats/token "
         "(the loss of a model that ignores context)"
     )
     return 0
@@ -193,6 +193,7 @@ def _profile(args) -> int:
         trace_dir=args.trace,
         plot=args.plot,
         abstract=args.abstract,
+        workdir=args.workdir,
         log=log,
     )
     print(json.dumps(report) if args.json else profile.format_report(report))

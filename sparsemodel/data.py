@@ -185,7 +185,7 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def byte_unigram_entropy(tokens: np.ndarray) -> float:
+def unigram_entropy(tokens: np.ndarray) -> float:
     """Entropy in nats of the unigram distribution: the loss a model with no context gets."""
     counts = np.bincount(tokens.astype(np.int64))
     p = counts[counts > 0] / counts.sum()

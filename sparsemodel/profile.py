@@ -27,7 +27,7 @@ import numpy as np
 from sparsemodel import data as data_lib
 from sparsemodel import flops, hardware, optim, params, sharding
 from sparsemodel.config import Config
-from sparsemodel.train import make_train_step
+from sparsemodel.train import load_tokenized_corpus, make_train_step
 from sparsemodel.unroll import unrolled_loops
 
 
@@ -39,10 +39,12 @@ def profile(
     trace_dir: str | None = None,
     plot: str | None = None,
     abstract: bool = False,
+    workdir: str | None = None,
     log=lambda s: None,
 ) -> dict:
-    """Builds the report. param_state: trained parameters (e.g. from a workdir) to use for
-    routing statistics; otherwise freshly initialised ones."""
+    """Builds the report. param_state: trained parameters (e.g. from `workdir`, whose
+    tokenizer then encodes the routing batch) to use for routing statistics; otherwise
+    freshly initialised ones."""
     t = cfg.train
     tokens_per_step = t.batch_size * t.seq_len
     counts = flops.param_counts(cfg)
@@ -80,7 +82,7 @@ def profile(
         report["params"]["counted_from_arrays"] = params.count(state)
         tx = optim.make_optimizer(t)
         opt_state = params.init_opt_state(tx, state, mesh)
-        batch = _real_batch(cfg, mesh)
+        batch = _real_batch(cfg, mesh, workdir)
         step_fn = jax.jit(make_train_step(graphdef, cfg, tx), donate_argnums=(0, 1))
 
         log("compiling the training step with loops unrolled, to count its FLOPs ...")
@@ -164,10 +166,14 @@ def _verdict(cfg: Config, ratio: float) -> str:
     )
 
 
-def _real_batch(cfg: Config, mesh):
-    """One global batch of real validation text (falls back to train if too short)."""
+def _real_batch(cfg: Config, mesh, workdir: str | None):
+    """One global batch of real validation text (falls back to train if too short), in the
+    workdir's tokenizer's ids when there is one (bytes otherwise)."""
     t = cfg.train
-    corpus = data_lib.load_corpus(cfg.data.source, cfg.data.val_fraction)
+    if workdir is not None:
+        corpus = load_tokenized_corpus(cfg, Path(workdir), log=lambda s: None)
+    else:
+        corpus = data_lib.load_corpus(cfg.data.source, cfg.data.val_fraction)
     tokens = (
         corpus.val
         if data_lib.num_windows(corpus.val, t.seq_len) >= t.batch_size

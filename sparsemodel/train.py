@@ -48,7 +48,7 @@ class TrainResult:
     val_loss: float | None
     tokens_per_s: float
     wall_s: float
-    unigram_entropy: float  # nats/token of the validation split's byte unigram: the no-context loss
+    unigram_entropy: float  # nats/token of the validation split's unigram: the no-context loss
     checkpoint_s: float = 0.0  # time the loop spent blocked in checkpoint saves
 
 
@@ -310,7 +310,7 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
         val_loss,
         tokens_per_s,
         wall,
-        data_lib.byte_unigram_entropy(corpus.val),
+        data_lib.unigram_entropy(corpus.val),
         checkpoint_s,
     )
 

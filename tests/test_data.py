@@ -414,12 +414,12 @@ def test_eval_batches_two_processes_cover_the_single_process_batch(max_batches):
 # ---------------------------------------------------------------------------- entropy
 
 
-def test_byte_unigram_entropy():
+def test_unigram_entropy():
     uniform = np.tile(np.arange(256, dtype=np.uint8), 10)
-    assert data.byte_unigram_entropy(uniform) == pytest.approx(math.log(256))
-    assert data.byte_unigram_entropy(np.full(1000, 7, np.uint8)) == 0.0
+    assert data.unigram_entropy(uniform) == pytest.approx(math.log(256))
+    assert data.unigram_entropy(np.full(1000, 7, np.uint8)) == 0.0
     two = np.array([0, 1] * 50, np.uint8)
-    assert data.byte_unigram_entropy(two) == pytest.approx(math.log(2))
+    assert data.unigram_entropy(two) == pytest.approx(math.log(2))
 
 
 # ------------------------------------------------------------------------- stdlib corpus

@@ -192,7 +192,7 @@ def test_fine_tune_an_imported_model_then_export_it(tmp_path):
     settings += ["train.eval_batches=1", "train.lr=1e-3", "train.warmup_steps=0"]
     assert cli.main(["train", "--workdir", str(wd), "--set", *settings]) == 0
     ckpt = Checkpointer(wd)
-    assert ckpt.steps()[-1] == 3 and ckpt.has_opt_state(3) and not ckpt.has_opt_state(0)
+    assert ckpt.steps()[-1] == 3 and (ckpt.directory / "3" / "opt_state").is_dir()
     ckpt.close()
     lines = [json.loads(ln) for ln in (wd / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3]
