@@ -125,20 +125,19 @@ def _layer_part_runners(cfg, tokens: int) -> dict:
 
     def layout(experts):
         blocks = dispatch.block_rows(experts, e.num_experts, e.block_size)
-        n_rows = blocks.block_expert.shape[0] * e.block_size
+        n_rows = blocks.block_expert.shape[0] * dispatch.small_block(e.block_size)
         return blocks, dispatch.layout_from_rows(blocks.rows, n_rows)
 
     blocks, lay = jax.jit(layout)(routing.experts)
     xr = dispatch.dispatch(x, lay)
-    x_nbd = xr.reshape(-1, e.block_size, xr.shape[-1])
     sq = lambda f: lambda *a: jnp.sum(f(*a) ** 2)  # noqa: E731
-    experts = sq(lambda x, g, u, d: grouped_swiglu(x, blocks, g, u, d))
+    experts = sq(lambda x, g, u, d: grouped_swiglu(x, blocks, e.block_size, g, u, d))
     return {
         "router": _runner(jax.jit(jax.grad(router, (0, 1))), w["router"], x),
         "layout": _runner(jax.jit(layout), routing.experts),
         "dispatch": _runner(jax.jit(jax.grad(sq(dispatch.dispatch))), x, lay),
         "experts": _runner(
-            jax.jit(jax.grad(experts, (0, 1, 2, 3))), x_nbd, w["gate"], w["up"], w["down"]
+            jax.jit(jax.grad(experts, (0, 1, 2, 3))), xr, w["gate"], w["up"], w["down"]
         ),
         "combine": _runner(
             jax.jit(jax.grad(sq(dispatch.combine), (0, 1))), xr, routing.weights, lay

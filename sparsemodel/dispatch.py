@@ -67,38 +67,42 @@ def capacity_rows(experts_tk, n_experts: int, capacity: int):
     return rows.reshape(experts_tk.shape), keep.reshape(experts_tk.shape)
 
 
-class Blocks(NamedTuple):
-    """Dropless layout: each expert's rows padded to whole blocks of `block` rows."""
+def small_block(block: int) -> int:
+    """The smallest block of the CPU grouped matmul: each expert's rows are padded to a
+    multiple of it (waste < block/4 rows per expert), the largest blocks do the bulk."""
+    return max(1, block // 4)
 
-    rows: jax.Array  # [T, k] row of each assignment in the padded buffer; R = none
-    first_block: jax.Array  # [E] index of each expert's first block
-    n_blocks: jax.Array  # [E] blocks of each expert: ceil(count_e / block)
-    block_expert: jax.Array  # [N] expert of each block (static bound N, see block_rows)
-    n_used: jax.Array  # [] blocks in use; blocks n_used..N-1 are padding
+
+class Blocks(NamedTuple):
+    """Dropless layout: each expert's rows contiguous, padded to a multiple of the small
+    block S (see `small_block`), in a buffer of R = ceil(A/S)*S + E*S rows."""
+
+    rows: jax.Array  # [T, k] row of each assignment in the buffer; R = none
+    start: jax.Array  # [E] first row of each expert (a multiple of S)
+    padded: jax.Array  # [E] rows of each expert, padding included (a multiple of S)
+    block_expert: jax.Array  # [R/S] expert of each S-row block
+    n_used: jax.Array  # [] S-blocks in use; the rest are padding
 
 
 def block_rows(experts_tk, n_experts: int, block: int) -> Blocks:
-    """Places each expert's assignments in whole blocks, in token-major order.
-
-    The buffer has N = ceil(A/block) + E blocks, a static bound on sum_e ceil(count_e/block).
-    """
+    """Places each expert's assignments contiguously, in token-major order."""
+    small = small_block(block)
     flat_e = experts_tk.reshape(-1)
     n_assign = flat_e.shape[0]
-    n_total = -(-n_assign // block) + n_experts
+    n_small = -(-n_assign // small) + n_experts  # static bound on sum_e ceil(count_e / S)
     rank, counts = rank_within_expert(flat_e, n_experts)
-    n_blocks = -(-counts[:n_experts] // block)  # [E]
-    block_end = jnp.cumsum(n_blocks)  # [E]
-    first_block = block_end - n_blocks
+    blocks_e = -(-counts[:n_experts] // small)  # [E] S-blocks per expert
+    end = jnp.cumsum(blocks_e)  # [E]
+    start = (end - blocks_e) * small
     safe_e = jnp.minimum(flat_e, n_experts - 1)
-    rows = jnp.where(flat_e < n_experts, first_block[safe_e] * block + rank, n_total * block)
-    block_expert = jnp.searchsorted(block_end, jnp.arange(n_total), side="right")
-    block_expert = jnp.minimum(block_expert, n_experts - 1).astype(jnp.int32)
+    rows = jnp.where(flat_e < n_experts, start[safe_e] + rank, n_small * small)
+    block_expert = jnp.searchsorted(end, jnp.arange(n_small), side="right")
     return Blocks(
         rows.reshape(experts_tk.shape).astype(jnp.int32),
-        first_block.astype(jnp.int32),
-        n_blocks.astype(jnp.int32),
-        block_expert,
-        block_end[-1],
+        start.astype(jnp.int32),
+        (blocks_e * small).astype(jnp.int32),
+        jnp.minimum(block_expert, n_experts - 1).astype(jnp.int32),
+        end[-1],
     )
 
 

@@ -1,13 +1,17 @@
-"""Grouped SwiGLU over blocks of rows, each block belonging to one expert (the CPU path of
-dropless dispatch; on GPU/TPU `jax.lax.ragged_dot` does this job).
+"""Grouped SwiGLU: each expert's contiguous rows through that expert's weights (the CPU
+path of dropless dispatch; on GPU/TPU `jax.lax.ragged_dot` does this job).
 
-Two forms of the same maths:
-  expert_swiglu  what training runs: a loop over experts, and inside it a loop over that
-                 expert's blocks (a dynamic trip count). Each expert's weights are sliced
-                 once, and padding blocks past the used ones are never visited.
-  block_swiglu   a scan over the static bound of N blocks, padding blocks skipped by a
-                 `cond`. XLA's cost analysis cannot count a loop with a dynamic trip count,
-                 so `unrolled_loops()` (profile's compiled-FLOP count) traces this form.
+The layout (dispatch.block_rows) pads each expert's rows to a multiple of the small block
+S = block/4. Two forms of the same maths:
+
+  expert_swiglu  what training runs: a loop over experts; each expert's rows go in whole
+                 blocks of `block` rows, then one of block/2 if it fits, then blocks of S.
+                 Few, large blocks matter on CPU: every block also reads its expert's
+                 weights and adds a [D, F] gradient, which costs memory traffic whatever
+                 the block's size; small tail blocks keep the padding under S rows.
+  block_swiglu   a scan over the static bound of R/S blocks of S rows, padding blocks
+                 skipped by a `cond`. XLA's cost analysis cannot count loops with dynamic
+                 trip counts, so `unrolled_loops()` (profile's FLOP count) traces this form.
 
 Why hand-written backward passes: differentiating a loop that indexes `w[e]` makes XLA add
 a full-size [E, D, F] cotangent into the gradient on every iteration (O(E*D*F) memory
@@ -17,19 +21,24 @@ place per block), so the backward pass costs what the blocks' matmuls cost.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
-from sparsemodel.dispatch import Blocks
+from sparsemodel.dispatch import Blocks, small_block
 from sparsemodel.unroll import scan_unroll, unrolling
 
 
-def grouped_swiglu(x_nbd, blocks: Blocks, w_gate, w_up, w_down):
-    """x_nbd [N, B, D] rows grouped in blocks by `blocks`; weights [E, D, F], [E, D, F],
-    [E, F, D]. Returns [N, B, D]; blocks past the used ones are zeros."""
+def grouped_swiglu(x_rd, blocks: Blocks, block: int, w_gate, w_up, w_down):
+    """x_rd [R, D] rows laid out by `blocks`; weights [E, D, F], [E, D, F], [E, F, D].
+    Returns [R, D]; padding rows are zeros."""
     if unrolling():
-        return block_swiglu(x_nbd, blocks.block_expert, blocks.n_used, w_gate, w_up, w_down)
-    return expert_swiglu(x_nbd, blocks.first_block, blocks.n_blocks, w_gate, w_up, w_down)
+        small = small_block(block)
+        x_nsd = x_rd.reshape(-1, small, x_rd.shape[-1])  # [R/S, S, D]
+        y = block_swiglu(x_nsd, blocks.block_expert, blocks.n_used, w_gate, w_up, w_down)
+        return y.reshape(x_rd.shape)
+    return expert_swiglu(x_rd, blocks.start, blocks.padded, w_gate, w_up, w_down, block)
 
 
 def _swiglu_fwd(xb, wg, wu, wd):
@@ -56,53 +65,70 @@ def _expert_weights(e, w_gate, w_up, w_down, dtype):
 # ------------------------------------------------------------- per-expert loops (runs)
 
 
-@jax.custom_vjp
-def expert_swiglu(x_nbd, first_block, n_blocks, w_gate, w_up, w_down):
-    """Expert e's blocks are first_block[e] .. first_block[e] + n_blocks[e] - 1."""
-    return _expert_forward(x_nbd, first_block, n_blocks, w_gate, w_up, w_down)[0]
+def _each_block(start, n_rows, block: int, body, carry):
+    """carry = body(carry, first_row, size) over blocks tiling rows [start, start + n_rows)
+    (n_rows a multiple of S): whole blocks, then halving sizes while above S, then S."""
+    small = small_block(block)
+    n_full = n_rows // block
+    carry = jax.lax.fori_loop(0, n_full, lambda j, c: body(c, start + j * block, block), carry)
+    pos, left = start + n_full * block, n_rows - n_full * block
+    size = block // 2
+    while size > small:
+        take = left >= size
+        carry = jax.lax.cond(take, partial(body, first=pos, size=size), lambda c: c, carry)
+        pos, left = pos + take * size, left - take * size
+        size //= 2
+    return jax.lax.fori_loop(0, left // small, lambda j, c: body(c, pos + j * small, small), carry)
 
 
-def _expert_forward(x_nbd, first_block, n_blocks, w_gate, w_up, w_down):
-    n, b, _ = x_nbd.shape
-    f, dtype = w_gate.shape[-1], x_nbd.dtype
+@partial(jax.custom_vjp, nondiff_argnums=(6,))
+def expert_swiglu(x_rd, start, padded, w_gate, w_up, w_down, block: int):
+    """Expert e's rows are start[e] .. start[e] + padded[e] - 1."""
+    return _expert_forward(x_rd, start, padded, w_gate, w_up, w_down, block)[0]
+
+
+def _expert_forward(x_rd, start, padded, w_gate, w_up, w_down, block):
+    f, dtype = w_gate.shape[-1], x_rd.dtype
 
     def expert(e, carry):
         w = _expert_weights(e, w_gate, w_up, w_down, dtype)
 
-        def block(j, carry):
+        def body(carry, first, size):
             y, g, u = carry
-            i = first_block[e] + j
-            yb, gb, ub = _swiglu_fwd(x_nbd[i], *w)
-            return y.at[i].set(yb), g.at[i].set(gb), u.at[i].set(ub)
+            yb, gb, ub = _swiglu_fwd(jax.lax.dynamic_slice_in_dim(x_rd, first, size), *w)
+            put = jax.lax.dynamic_update_slice_in_dim
+            return put(y, yb, first, 0), put(g, gb, first, 0), put(u, ub, first, 0)
 
-        return jax.lax.fori_loop(0, n_blocks[e], block, carry)
+        return _each_block(start[e], padded[e], block, body, carry)
 
-    empty = (jnp.zeros_like(x_nbd), jnp.zeros((n, b, f), dtype), jnp.zeros((n, b, f), dtype))
-    return jax.lax.fori_loop(0, w_gate.shape[0], expert, empty)  # y, g, u [N, B, *]
-
-
-def _expert_fwd(x_nbd, first_block, n_blocks, w_gate, w_up, w_down):
-    y, g, u = _expert_forward(x_nbd, first_block, n_blocks, w_gate, w_up, w_down)
-    return y, (x_nbd, first_block, n_blocks, w_gate, w_up, w_down, g, u)
+    n = x_rd.shape[0]
+    empty = (jnp.zeros_like(x_rd), jnp.zeros((n, f), dtype), jnp.zeros((n, f), dtype))
+    return jax.lax.fori_loop(0, w_gate.shape[0], expert, empty)  # y, g, u [R, *]
 
 
-def _expert_bwd(res, dy_nbd):
-    x_nbd, first_block, n_blocks, w_gate, w_up, w_down, g_nbf, u_nbf = res
-    dtype = x_nbd.dtype
+def _expert_fwd(x_rd, start, padded, w_gate, w_up, w_down, block):
+    y, g, u = _expert_forward(x_rd, start, padded, w_gate, w_up, w_down, block)
+    return y, (x_rd, start, padded, w_gate, w_up, w_down, g, u)
+
+
+def _expert_bwd(block, res, dy_rd):
+    x_rd, start, padded, w_gate, w_up, w_down, g_rf, u_rf = res
+    dtype = x_rd.dtype
 
     def expert(e, carry):
         dx, dwg, dwu, dwd = carry
         w = _expert_weights(e, w_gate, w_up, w_down, dtype)
 
-        def block(j, acc):
+        def body(acc, first, size):
             dx, ag, au, ad = acc
-            i = first_block[e] + j
-            dxb, dg, du, dd = _swiglu_bwd(x_nbd[i], g_nbf[i], u_nbf[i], dy_nbd[i], *w)
-            return dx.at[i].set(dxb), ag + dg, au + du, ad + dd
+            rows = lambda a: jax.lax.dynamic_slice_in_dim(a, first, size)  # noqa: E731
+            dxb, dg, du, dd = _swiglu_bwd(rows(x_rd), rows(g_rf), rows(u_rf), rows(dy_rd), *w)
+            dx = jax.lax.dynamic_update_slice_in_dim(dx, dxb, first, 0)
+            return dx, ag + dg, au + du, ad + dd
 
-        zero = lambda w: jnp.zeros(w.shape[1:], jnp.float32)  # f32 accumulators per expert
+        zero = lambda w: jnp.zeros(w.shape[1:], jnp.float32)  # noqa: E731 - f32 per expert
         acc = (dx, zero(w_gate), zero(w_up), zero(w_down))
-        dx, ag, au, ad = jax.lax.fori_loop(0, n_blocks[e], block, acc)
+        dx, ag, au, ad = _each_block(start[e], padded[e], block, body, acc)
         return (
             dx,
             dwg.at[e].set(ag.astype(dwg.dtype)),
@@ -110,7 +136,7 @@ def _expert_bwd(res, dy_nbd):
             dwd.at[e].set(ad.astype(dwd.dtype)),
         )
 
-    init = (jnp.zeros_like(x_nbd), *(jnp.zeros_like(w) for w in (w_gate, w_up, w_down)))
+    init = (jnp.zeros_like(x_rd), *(jnp.zeros_like(w) for w in (w_gate, w_up, w_down)))
     dx, dwg, dwu, dwd = jax.lax.fori_loop(0, w_gate.shape[0], expert, init)
     return dx, None, None, dwg, dwu, dwd
 

@@ -11,8 +11,9 @@ Dispatch strategies (`moe.dispatch`), same maths:
             dropped (contribute zero; the residual stream carries the token).
   dropless  every assignment is computed: rows sorted by expert and run through a grouped
             matmul. `jax.lax.ragged_dot` is a real grouped GEMM on GPU/TPU but on XLA:CPU it
-            computes every expert on every row (E times the FLOPs), so on CPU we pad each
-            expert's rows to a multiple of `moe.block_size` and loop over blocks.
+            computes every expert on every row (E times the FLOPs), so on CPU each
+            expert's rows go through its weights in blocks of up to `moe.block_size` rows
+            (grouped_matmul.py).
 Expert choice (`moe.router = "expert_choice"`): each expert picks its top-C tokens of the
 group. It looks at the whole group at once, so it is NOT causal: a token's output can
 depend on later tokens. Use it for encoders or experiments, not for generation.
@@ -365,16 +366,15 @@ def token_choice(cfg: Config, w, x_td, routing: Routing, n_experts: int):
 
 
 def dropless_blocks(w, x_td, routing: Routing, n_experts: int, block: int):
-    """Each expert's rows padded to whole blocks, run block by block: -> (y [R, D], layout)."""
+    """Each expert's rows through its weights in blocks: -> (y [R, D], layout)."""
     blocks = dispatch.block_rows(routing.experts, n_experts, block)
-    n_rows = blocks.block_expert.shape[0] * block
+    n_rows = blocks.block_expert.shape[0] * dispatch.small_block(block)
     layout = dispatch.layout_from_rows(blocks.rows, n_rows)
     with jax.named_scope("dispatch"):
-        xr = dispatch.dispatch(x_td, layout)  # [N_blocks * B, D]
+        xr = dispatch.dispatch(x_td, layout)  # [R, D]
     with jax.named_scope("experts"):
-        x_nbd = xr.reshape(-1, block, xr.shape[-1])
-        yr = grouped_swiglu(x_nbd, blocks, w["gate"], w["up"], w["down"])
-    return yr.reshape(n_rows, -1), layout
+        yr = grouped_swiglu(xr, blocks, block, w["gate"], w["up"], w["down"])
+    return yr, layout
 
 
 def dropless_ragged(w, x_td, routing: Routing, n_experts: int):

@@ -505,7 +505,8 @@ def test_dropless_blocks_cost_does_not_scale_with_experts(monkeypatch):
             loss = lambda s, x: jnp.sum(nnx.merge(graphdef, s)(x)[0] ** 2)
             return jax.grad(loss, argnums=(0, 1))(state, x)
 
-        n_blocks = -(-n_tokens * k // block) + n_experts  # block_rows' static bound
+        small = dispatch.small_block(block)
+        n_blocks = -(-n_tokens * k // small) + n_experts  # block_rows' static bound
         return _trip_counted_flops(monkeypatch, fwd_bwd, (state, x), n_blocks)
 
     def dense_fwd_bwd(w, x):
@@ -567,24 +568,27 @@ def test_dispatch_and_combine_gradients_equal_plain_indexing(kind):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w_), **TOL)
 
 
-def test_counted_block_form_equals_the_per_expert_loops():
-    # Training runs expert_swiglu; cost analysis counts block_swiglu. Same values and
-    # gradients, with some experts given no rows at all.
-    n_tokens, k, n_experts, d, f, block = 10, 2, 6, 8, 12, 3
-    experts = jnp.array(np.random.default_rng(0).choice([0, 2, 3, 5], (n_tokens, k)), jnp.int32)
+@pytest.mark.parametrize("block", [3, 8])
+def test_counted_block_form_equals_the_per_expert_loops(block):
+    # Training runs expert_swiglu (blocks of 8, 4 and 2 rows for block=8; 3 and 1 for 3);
+    # cost analysis counts block_swiglu. Same values and gradients, with some experts
+    # given no rows at all and others many.
+    n_tokens, k, n_experts, d, f = 23, 2, 6, 8, 12
+    choice = np.random.default_rng(0).choice([0, 2, 3, 5], (n_tokens, k), p=[0.6, 0.2, 0.1, 0.1])
+    experts = jnp.asarray(choice, jnp.int32)
     blocks = dispatch.block_rows(experts, n_experts, block)
+    n_rows = blocks.block_expert.shape[0] * dispatch.small_block(block)
     keys = jax.random.split(jax.random.key(0), 4)
-    x = jax.random.normal(keys[0], (blocks.block_expert.shape[0], block, d))
     w = [
         0.3 * jax.random.normal(keys[1], (n_experts, d, f)),
         0.3 * jax.random.normal(keys[2], (n_experts, d, f)),
         0.3 * jax.random.normal(keys[3], (n_experts, f, d)),
     ]
-    used = np.arange(x.shape[0]) < int(blocks.n_used)
-    x = x * jnp.asarray(used)[:, None, None]  # padding blocks hold zeros, as dispatched
+    layout = dispatch.layout_from_rows(blocks.rows, n_rows)
+    x = dispatch.dispatch(jax.random.normal(keys[0], (n_tokens, d)), layout)  # [R, D]
 
     def loss(x, *w):
-        return jnp.sum(jnp.sin(gm.grouped_swiglu(x, blocks, *w)))
+        return jnp.sum(jnp.sin(gm.grouped_swiglu(x, blocks, block, *w)))
 
     value_and_grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
     with unrolled_loops():
