@@ -115,8 +115,7 @@ def _expert_bwd(block, res, dy_rd):
     x_rd, start, padded, w_gate, w_up, w_down, g_rf, u_rf = res
     dtype = x_rd.dtype
 
-    def expert(e, carry):
-        dx, dwg, dwu, dwd = carry
+    def expert(dx, e):
         w = _expert_weights(e, w_gate, w_up, w_down, dtype)
 
         def body(acc, first, size):
@@ -129,16 +128,14 @@ def _expert_bwd(block, res, dy_rd):
         zero = lambda w: jnp.zeros(w.shape[1:], jnp.float32)  # noqa: E731 - f32 per expert
         acc = (dx, zero(w_gate), zero(w_up), zero(w_down))
         dx, ag, au, ad = _each_block(start[e], padded[e], block, body, acc)
-        return (
-            dx,
-            dwg.at[e].set(ag.astype(dwg.dtype)),
-            dwu.at[e].set(au.astype(dwu.dtype)),
-            dwd.at[e].set(ad.astype(dwd.dtype)),
-        )
+        return dx, (ag, au, ad)
 
-    init = (jnp.zeros_like(x_rd), *(jnp.zeros_like(w) for w in (w_gate, w_up, w_down)))
-    dx, dwg, dwu, dwd = jax.lax.fori_loop(0, w_gate.shape[0], expert, init)
-    return dx, None, None, dwg, dwu, dwd
+    # The weight gradients leave the loop as its stacked outputs, one expert per iteration:
+    # inside the model's layer scan, XLA copied an [E, D, F] carry updated with .at[e].set
+    # on every iteration (O(E^2 D F) traffic; measured 1.5x step time at 32 experts).
+    dx, (dwg, dwu, dwd) = jax.lax.scan(expert, jnp.zeros_like(x_rd), jnp.arange(w_gate.shape[0]))
+    cast = lambda g, w: g.astype(w.dtype)  # noqa: E731
+    return dx, None, None, cast(dwg, w_gate), cast(dwu, w_up), cast(dwd, w_down)
 
 
 expert_swiglu.defvjp(_expert_fwd, _expert_bwd)
