@@ -31,6 +31,16 @@ test-fast: install
 bench: install
 	$(BIN)/python experiments/bench.py
 
+# Issue 7: what sparse activation and parameter sharing buy at equal compute (~80 min on two
+# shared CPU cores; results and plots in experiments/results/, runs in experiments/runs/).
+.PHONY: experiments
+experiments: install
+	$(BIN)/python experiments/dense_vs_moe.py
+	$(BIN)/python experiments/num_experts.py
+	$(BIN)/python experiments/routing.py
+	$(BIN)/python experiments/sharing.py
+	$(BIN)/python experiments/overfitting.py
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
