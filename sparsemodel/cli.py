@@ -46,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--workdir", required=True)
     e.add_argument("--step", type=int, help="checkpoint step (default: newest)")
     e.add_argument("--data", help="a text file or directory (default: the validation split)")
-    e.add_argument("--max-tokens", type=int, default=262_144, help="0 = all of the data")
+    e.add_argument(
+        "--max-tokens", type=int, default=262_144, help="rounded up to whole batches; 0 = all"
+    )
     e.add_argument("--json", action="store_true", help="print one JSON object")
     distributed(e)
 

@@ -86,7 +86,8 @@ def evaluate(
 ) -> EvalResult:
     """Loss on the held-out split of the training source, or on all of `source`.
 
-    At most `max_tokens` tokens (None: everything), in windows spread evenly over the text.
+    About `max_tokens` tokens (rounded up to whole batches; None: everything), in windows
+    spread evenly over the text.
     Bits per byte divide the nats by the bytes of text the evaluated tokens stand for, so
     they compare across tokenizers.
     """
