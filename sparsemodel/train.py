@@ -262,6 +262,7 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
                 "tokens_per_s": tokens_per_s,
                 "mfu": flops_per_step / step_s / peak,
                 "rss_mib": resident_mib(),
+                "time_s": time.perf_counter() - t_start,  # wall time since this run began
             }
             if step % t.eval_every == 0 or step == t.steps:
                 val_loss, _ = evaluate_batches(eval_step, params, val_batches(), mesh)
