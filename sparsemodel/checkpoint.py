@@ -22,6 +22,21 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
+def _skip_tensorstore_io_metrics() -> None:
+    """Orbax asks TensorStore for its global I/O metrics before and after every array
+    write, only to log a throughput line, and each collection leaves memory behind:
+    measured over 400 saves of tiny, resident memory grew 0.08 MiB per save without end,
+    and levelled off with this. A None reading makes Orbax skip that log line (every
+    caller checks for None). A newer Orbax without the function is left as it is."""
+    from orbax.checkpoint._src.serialization import tensorstore_utils
+
+    if hasattr(tensorstore_utils, "get_tensorstore_raw_bytes"):
+        tensorstore_utils.get_tensorstore_raw_bytes = lambda *args, **kwargs: None
+
+
+_skip_tensorstore_io_metrics()
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the step and the reason."""
 

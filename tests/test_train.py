@@ -369,3 +369,12 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert a.step == b.step == 12
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_orbax_io_metric_collection_is_off():
+    # It leaked ~80 KiB per save (experiments/long_run.py); checkpoint.py turns it off.
+    from orbax.checkpoint._src.serialization import tensorstore_utils
+
+    import sparsemodel.checkpoint  # noqa: F401
+
+    assert tensorstore_utils.get_tensorstore_raw_bytes() is None
