@@ -64,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="size the config on its stated mesh without allocating anything",
     )
+    pr.add_argument(
+        "--no-flop-count",
+        action="store_true",
+        help="skip the unrolled compilation that counts XLA's FLOPs (slow for large models)",
+    )
     pr.add_argument("--trace", metavar="DIR", help="write a jax.profiler trace of 3 steps")
     pr.add_argument("--plot", metavar="FILE.png", help="heat map of per-layer expert load")
     pr.add_argument("--json", action="store_true", help="print one JSON object")
@@ -195,6 +200,7 @@ def _profile(args) -> int:
         trace_dir=args.trace,
         plot=args.plot,
         abstract=args.abstract,
+        count_flops=not args.no_flop_count,
         workdir=args.workdir,
         log=log,
     )

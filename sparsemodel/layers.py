@@ -92,7 +92,7 @@ class Attention(nnx.Module):
             v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dtype))  # [B, T, Hkv, Dh]
             q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
             if cache is None:
-                key_pos = positions  # [B, S=T]
+                out = causal_attention(q, k, v)  # positions are 0..T-1 in every row
             else:
                 batch = jnp.arange(x.shape[0])[:, None]
                 cache = KVCache(
@@ -101,9 +101,21 @@ class Attention(nnx.Module):
                 )
                 k, v = cache.k.astype(dtype), cache.v.astype(dtype)
                 key_pos = jnp.broadcast_to(jnp.arange(k.shape[1]), k.shape[:2])  # [B, S_max]
-            out = attend(q, k, v, positions, key_pos)
+                out = attend(q, k, v, positions, key_pos)
             y = jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype))  # [B, T, D]
         return y, cache
+
+
+def causal_attention(q, k, v):
+    """Causal attention of a call's tokens to each other. q [B,T,H,Dh], k/v [B,T,Hkv,Dh].
+
+    On GPU in bf16/fp16 this is cuDNN's fused (flash) kernel, which never holds the
+    [B, H, T, T] scores in memory; elsewhere XLA's einsum form, the same maths as `attend`.
+    """
+    fused = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    return jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="cudnn" if fused else None
+    )
 
 
 def attend(q, k, v, q_pos, k_pos):

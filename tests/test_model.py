@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsemodel import config, model
+from sparsemodel import config, layers, model
 
 VOCAB = 256  # tiny preset
 # Tests share these shapes so that models of one config reuse compiled forwards.
@@ -69,6 +69,19 @@ def n_params(module) -> int:
 
 
 # ------------------------------------------------------------------------ causality
+
+
+@pytest.mark.parametrize("n_kv", [4, 2])
+def test_fused_causal_attention_equals_masked_reference(n_kv):
+    """The training path (jax.nn.dot_product_attention; cuDNN's kernel on GPU) against the
+    position-masked softmax the KV-cache path uses, with grouped-query heads too."""
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (2, 16, 4, 8))
+    k = jax.random.normal(kk, (2, 16, n_kv, 8))
+    v = jax.random.normal(kv, (2, 16, n_kv, 8))
+    pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    want = layers.attend(q, k, v, pos, pos)
+    np.testing.assert_allclose(layers.causal_attention(q, k, v), want, atol=1e-5, rtol=1e-5)
 
 
 def test_moe_model_is_causal():

@@ -27,8 +27,10 @@ ROOT = Path(__file__).parent.parent
 
 
 def env_with(devices: int) -> dict:
+    """Fake CPU devices, also on a machine with one GPU (which would be the default)."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(ROOT)
     return env
 

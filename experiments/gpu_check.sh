@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Issue 5's GPU check in one command (under ten minutes on one H200):
+#   1. `profile` of gpu-1b (bf16, ~1.04B parameters, 16 experts top-2) and its dense twin
+#      gpu-1b-dense: step time, MFU, compiled/model FLOPs, memory;
+#   2. the MoE with the other grouped matmul (blocks), for comparison with ragged_dot;
+#   3. the test suite on the GPU backend (float32 matmuls at full precision, not TF32).
+# It runs under the machine's own JAX (CUDA build). Packages it lacks travel as wheels in
+# .whl/ (see experiments/README.md). Writes JSON and logs to $OUT.
+set -u
+OUT=${OUT:-experiments/results/gpu}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+start=$SECONDS
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python3 -c "import jax, flax, optax, orbax.checkpoint, grain; print('jax', jax.__version__, \
+'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+} 2>&1 | tee "$OUT/env.txt"
+
+summary() {  # one line per profile: the numbers issue 5 asks for
+  python3 - "$1" <<'PY'
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+except Exception as e:
+    sys.exit(f"{sys.argv[1]}: no report ({e})")
+m, c, mem = r.get("measured", {}), r.get("compiled", {}), r.get("memory", {})
+print(f"{sys.argv[1]}: step {m.get('step_time_s', 0) * 1e3:.1f} ms, "
+      f"{m.get('tokens_per_s', 0):,.0f} tok/s, MFU {m.get('mfu', 0):.1%}, "
+      f"hw/model {c.get('hw_model_flops_ratio', float('nan')):.3f}, "
+      f"temp {(mem.get('temp_bytes') or 0) / 2**30:.1f} GiB, params {r['params']['total']:,}")
+PY
+}
+prof() {  # name, seconds, profile arguments...
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name: sparsemodel profile $* (at ${SECONDS}s)" | tee -a "$OUT/log.txt"
+  # shellcheck disable=SC2086  # GPU_CHECK_SET: extra KEY=VALUE overrides (a dry run on CPU)
+  timeout "$limit" python3 -m sparsemodel.cli profile --json "$@" \
+    ${GPU_CHECK_SET:+--set $GPU_CHECK_SET} >"$OUT/$name.json" \
+    2>>"$OUT/log.txt"
+  echo "   exit $? after $((SECONDS - start))s" | tee -a "$OUT/log.txt"
+  summary "$OUT/$name.json" | tee -a "$OUT/summary.txt"
+}
+
+prof dense 150 --config gpu-1b-dense
+prof moe_ragged_dot 150 --config gpu-1b --set moe.grouped_matmul=ragged_dot
+prof moe_blocks 120 --config gpu-1b --set moe.grouped_matmul=blocks --no-flop-count
+
+left=$((${GPU_CHECK_SECONDS:-540} - (SECONDS - start)))
+echo "== tests on the GPU backend, ${left}s left" | tee -a "$OUT/log.txt"
+if [ "$left" -gt 60 ]; then
+  XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest \
+    timeout "$left" python3 -m pytest -q -n 6 -p no:cacheprovider --durations=5 tests \
+    >"$OUT/tests.txt" 2>&1
+  echo "   exit $? after $((SECONDS - start))s" | tee -a "$OUT/log.txt"
+  tail -15 "$OUT/tests.txt"
+fi
+cat "$OUT/summary.txt"
