@@ -126,7 +126,7 @@ def _layer_part_runners(cfg, tokens: int) -> dict:
     routing = moe.top_k_routing(probs, mask, e.top_k, e.renormalize)
 
     def layout(experts):
-        blocks = dispatch.block_rows(experts, e.num_experts, e.block_size)
+        blocks = dispatch.block_rows(experts, e.num_experts, dispatch.small_block(e.block_size))
         n_rows = blocks.block_expert.shape[0] * dispatch.small_block(e.block_size)
         return blocks, dispatch.layout_from_rows(blocks.rows, n_rows)
 

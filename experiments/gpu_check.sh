@@ -2,7 +2,7 @@
 # Issue 5's GPU check in one command (under ten minutes on one H200):
 #   1. `profile` of gpu-1b (bf16, ~1.04B parameters, 16 experts top-2) and its dense twin
 #      gpu-1b-dense: step time, MFU, compiled/model FLOPs, memory;
-#   2. the MoE with the other grouped matmul (blocks), for comparison with ragged_dot;
+#   2. the MoE with the other grouped matmuls (ragged_dot, blocks), for comparison;
 #   3. the test suite on the GPU backend (float32 matmuls at full precision, not TF32).
 # It runs under the machine's own JAX (CUDA build). Packages it lacks travel as wheels in
 # .whl/ (see experiments/README.md). Writes JSON and logs to $OUT.
@@ -48,16 +48,26 @@ prof() {  # name, seconds, profile arguments...
   summary "$OUT/$name.json" | tee -a "$OUT/summary.txt"
 }
 
-prof dense 150 --config gpu-1b-dense
-prof moe_ragged_dot 150 --config gpu-1b --set moe.grouped_matmul=ragged_dot
-prof moe_blocks 120 --config gpu-1b --set moe.grouped_matmul=blocks --no-flop-count
+# GPU_CHECK_PROFILES picks some of: dense moe moe_ragged_dot moe_blocks.
+for name in ${GPU_CHECK_PROFILES:-dense moe moe_ragged_dot moe_blocks}; do
+  case $name in
+    dense) prof dense 150 --config gpu-1b-dense ;;
+    moe) prof moe 150 --config gpu-1b ;;  # moe.grouped_matmul=auto: 'batched' on GPU
+    moe_ragged_dot) prof moe_ragged_dot 150 --config gpu-1b --set moe.grouped_matmul=ragged_dot ;;
+    moe_blocks) prof moe_blocks 120 --config gpu-1b --set moe.grouped_matmul=blocks --no-flop-count ;;
+  esac
+done
 
 left=$((${GPU_CHECK_SECONDS:-540} - (SECONDS - start)))
 echo "== tests on the GPU backend, ${left}s left" | tee -a "$OUT/log.txt"
 if [ "$left" -gt 60 ]; then
+  # Full-precision float32 matmuls (not TF32) and deterministic scatter-adds (the exact
+  # resume tests compare losses bit for bit; XLA:GPU's default scatter-add uses atomics).
+  # shellcheck disable=SC2086  # GPU_CHECK_TESTS: test paths or node ids (default: tests)
   XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest \
-    timeout "$left" python3 -m pytest -q -n 6 -p no:cacheprovider --durations=5 tests \
-    >"$OUT/tests.txt" 2>&1
+    XLA_FLAGS=--xla_gpu_deterministic_ops=true \
+    timeout "$left" python3 -m pytest -q -n 8 -p no:cacheprovider --durations=5 \
+    ${GPU_CHECK_TESTS:-tests} >"$OUT/tests.txt" 2>&1
   echo "   exit $? after $((SECONDS - start))s" | tee -a "$OUT/log.txt"
   tail -15 "$OUT/tests.txt"
 fi

@@ -119,7 +119,10 @@ class Checkpointer:
         Restore reads either format.
         """
         default = ocp.type_handlers.get_type_handler(np.ndarray)
-        no_copy = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
+        try:
+            no_copy = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
+        except TypeError:  # an Orbax without the option: its default behaviour
+            no_copy = ocp.type_handlers.NumpyHandler()
         chunked = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=64 << 20), params)
         with _quiet_absl():
             ocp.type_handlers.register_type_handler(np.ndarray, no_copy, override=True)

@@ -66,8 +66,8 @@ class MoEConfig:
     first_dense: int = 0  # the first k layers are dense
     router: Literal["topk", "expert_choice"] = "topk"
     dispatch: Literal["dropless", "capacity"] = "dropless"
-    grouped_matmul: Literal["auto", "blocks", "ragged_dot"] = "auto"
-    block_size: int = 128  # largest block of rows of the CPU grouped matmul (smallest: 1/4)
+    grouped_matmul: Literal["auto", "blocks", "batched", "ragged_dot"] = "auto"
+    block_size: int = 128  # rows per block: the largest CPU block (smallest: 1/4); GPU: all
     capacity_factor: float = 1.25
     renormalize: bool = True  # renormalise top-k weights to sum 1 (k > 1 only)
     jitter: float = 0.0  # multiplicative router-input noise U(1-eps, 1+eps) in training

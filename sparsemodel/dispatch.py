@@ -74,33 +74,32 @@ def small_block(block: int) -> int:
 
 
 class Blocks(NamedTuple):
-    """Dropless layout: each expert's rows contiguous, padded to a multiple of the small
-    block S (see `small_block`), in a buffer of R = ceil(A/S)*S + E*S rows."""
+    """Dropless layout: each expert's rows contiguous, padded to a multiple of `unit` rows
+    (U; the CPU loops use `small_block`), in a buffer of R = ceil(A/U)*U + E*U rows."""
 
     rows: jax.Array  # [T, k] row of each assignment in the buffer; R = none
-    start: jax.Array  # [E] first row of each expert (a multiple of S)
-    padded: jax.Array  # [E] rows of each expert, padding included (a multiple of S)
-    block_expert: jax.Array  # [R/S] expert of each S-row block
-    n_used: jax.Array  # [] S-blocks in use; the rest are padding
+    start: jax.Array  # [E] first row of each expert (a multiple of U)
+    padded: jax.Array  # [E] rows of each expert, padding included (a multiple of U)
+    block_expert: jax.Array  # [R/U] expert of each U-row block
+    n_used: jax.Array  # [] U-blocks in use; the rest are padding
 
 
-def block_rows(experts_tk, n_experts: int, block: int) -> Blocks:
+def block_rows(experts_tk, n_experts: int, unit: int) -> Blocks:
     """Places each expert's assignments contiguously, in token-major order."""
-    small = small_block(block)
     flat_e = experts_tk.reshape(-1)
     n_assign = flat_e.shape[0]
-    n_small = -(-n_assign // small) + n_experts  # static bound on sum_e ceil(count_e / S)
+    n_blocks = -(-n_assign // unit) + n_experts  # static bound on sum_e ceil(count_e / U)
     rank, counts = rank_within_expert(flat_e, n_experts)
-    blocks_e = -(-counts[:n_experts] // small)  # [E] S-blocks per expert
+    blocks_e = -(-counts[:n_experts] // unit)  # [E] U-blocks per expert
     end = jnp.cumsum(blocks_e)  # [E]
-    start = (end - blocks_e) * small
+    start = (end - blocks_e) * unit
     safe_e = jnp.minimum(flat_e, n_experts - 1)
-    rows = jnp.where(flat_e < n_experts, start[safe_e] + rank, n_small * small)
-    block_expert = jnp.searchsorted(end, jnp.arange(n_small), side="right")
+    rows = jnp.where(flat_e < n_experts, start[safe_e] + rank, n_blocks * unit)
+    block_expert = jnp.searchsorted(end, jnp.arange(n_blocks), side="right")
     return Blocks(
         rows.reshape(experts_tk.shape).astype(jnp.int32),
         start.astype(jnp.int32),
-        (blocks_e * small).astype(jnp.int32),
+        (blocks_e * unit).astype(jnp.int32),
         jnp.minimum(block_expert, n_experts - 1).astype(jnp.int32),
         end[-1],
     )

@@ -204,3 +204,45 @@ def _block_bwd(res, dy_nbd):
 
 
 block_swiglu.defvjp(_block_fwd, _block_bwd)
+
+
+# ------------------------------------------- one batched matmul over all blocks (GPU)
+
+
+@jax.custom_vjp
+def batched_swiglu(x_nbd, block_expert, w_gate, w_up, w_down):
+    """Every block of rows [N, B, D] through its expert's weights in one batched matmul.
+
+    The GPU form: no loop (a GPU while loop syncs with the host on every trip) and big
+    cuBLAS batches, for the price of copying each block's expert weights ([N, D, F] per
+    matrix) and computing the padding blocks. Padding blocks hold zero rows, so they add
+    nothing to any gradient.
+    """
+    return _batched_fwd(x_nbd, block_expert, w_gate, w_up, w_down)[0]
+
+
+def _per_block(w, block_expert, dtype):
+    return jnp.take(w.astype(dtype), block_expert, axis=0)  # [N, D, F]: block n's expert
+
+
+def _batched_fwd(x_nbd, block_expert, w_gate, w_up, w_down):
+    w = [_per_block(m, block_expert, x_nbd.dtype) for m in (w_gate, w_up, w_down)]
+    y, g, u = jax.vmap(_swiglu_fwd)(x_nbd, *w)
+    return y, (x_nbd, block_expert, w_gate, w_up, w_down, g, u)
+
+
+def _batched_bwd(res, dy_nbd):
+    x_nbd, block_expert, w_gate, w_up, w_down, g, u = res
+    w = [_per_block(m, block_expert, x_nbd.dtype) for m in (w_gate, w_up, w_down)]
+    dx, *dw_blocks = jax.vmap(_swiglu_bwd)(x_nbd, g, u, dy_nbd, *w)  # dW per block [N, ...]
+    # Sum each block's weight gradient into its expert's: a [E, N] one-hot matmul, which
+    # is deterministic on GPU (a segment sum would be a scatter-add of atomics).
+    one_hot = jax.nn.one_hot(block_expert, w_gate.shape[0], axis=0, dtype=x_nbd.dtype)  # [E, N]
+    dw = [
+        jnp.einsum("en,n...->e...", one_hot, d, preferred_element_type=jnp.float32).astype(m.dtype)
+        for d, m in zip(dw_blocks, (w_gate, w_up, w_down), strict=True)
+    ]
+    return dx, None, *dw
+
+
+batched_swiglu.defvjp(_batched_fwd, _batched_bwd)

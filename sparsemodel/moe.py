@@ -10,10 +10,11 @@ Dispatch strategies (`moe.dispatch`), same maths:
             token-major priority (all of token t's choices beat token t+1's); the rest are
             dropped (contribute zero; the residual stream carries the token).
   dropless  every assignment is computed: rows sorted by expert and run through a grouped
-            matmul. `jax.lax.ragged_dot` is a real grouped GEMM on GPU/TPU but on XLA:CPU it
-            computes every expert on every row (E times the FLOPs), so on CPU each
-            expert's rows go through its weights in blocks of up to `moe.block_size` rows
-            (grouped_matmul.py).
+            matmul (`moe.grouped_matmul`; grouped_matmul.py). `jax.lax.ragged_dot` is
+            one on TPU, but XLA computes every expert on every row on CPU (E/k times the
+            FLOPs) and was slow on GPU too. So on CPU each expert's rows go through its
+            weights in a loop over blocks of up to `moe.block_size` rows ('blocks'), and
+            on GPU all blocks of `block_size` rows run as one batched matmul ('batched').
 Expert choice (`moe.router = "expert_choice"`): each expert picks its top-C tokens of the
 group. It looks at the whole group at once, so it is NOT causal: a token's output can
 depend on later tokens. Use it for encoders or experiments, not for generation.
@@ -45,7 +46,7 @@ from jax.sharding import PartitionSpec as P
 
 from sparsemodel import dispatch, sharding
 from sparsemodel.config import Config
-from sparsemodel.grouped_matmul import grouped_swiglu
+from sparsemodel.grouped_matmul import batched_swiglu, grouped_swiglu
 from sparsemodel.layers import param, swiglu
 
 # Logical axes of the layer's weights: used to create them and to shard_map over them.
@@ -77,10 +78,14 @@ class Routing(NamedTuple):
 
 
 def grouped_matmul_kind(cfg: Config) -> str:
-    """'ragged_dot' on accelerators, 'blocks' on CPU (where ragged_dot is a dense fallback)."""
+    """'blocks' on CPU, 'batched' on GPU, 'ragged_dot' on TPU.
+
+    XLA's ragged_dot computes every expert on CPU, and on GPU (jax 0.11.2, H200) it ran
+    at a fifth of the batched form's speed: see experiments/README.md.
+    """
     kind = cfg.moe.grouped_matmul
     if kind == "auto":
-        return "blocks" if jax.default_backend() == "cpu" else "ragged_dot"
+        return {"cpu": "blocks", "gpu": "batched"}.get(jax.default_backend(), "ragged_dot")
     return kind
 
 
@@ -360,20 +365,31 @@ def token_choice(cfg: Config, w, x_td, routing: Routing, n_experts: int):
     elif grouped_matmul_kind(cfg) == "ragged_dot":
         y_rd, layout = dropless_ragged(w, x_td, routing, n_experts)
     else:
-        y_rd, layout = dropless_blocks(w, x_td, routing, n_experts, e.block_size)
+        kind = grouped_matmul_kind(cfg)
+        y_rd, layout = dropless_blocks(w, x_td, routing, n_experts, e.block_size, kind)
     with jax.named_scope("combine"):
         return dispatch.combine(y_rd, jnp.where(kept, routing.weights, 0.0), layout), kept
 
 
-def dropless_blocks(w, x_td, routing: Routing, n_experts: int, block: int):
-    """Each expert's rows through its weights in blocks: -> (y [R, D], layout)."""
-    blocks = dispatch.block_rows(routing.experts, n_experts, block)
-    n_rows = blocks.block_expert.shape[0] * dispatch.small_block(block)
+def dropless_blocks(w, x_td, routing: Routing, n_experts: int, block: int, kind: str):
+    """Each expert's rows through its weights in blocks: -> (y [R, D], layout).
+
+    'blocks' pads each expert to a multiple of block/4 rows and loops (CPU); 'batched'
+    pads to whole blocks and runs them all in one batched matmul (GPU).
+    """
+    unit = block if kind == "batched" else dispatch.small_block(block)
+    blocks = dispatch.block_rows(routing.experts, n_experts, unit)
+    n_rows = blocks.block_expert.shape[0] * unit
     layout = dispatch.layout_from_rows(blocks.rows, n_rows)
     with jax.named_scope("dispatch"):
         xr = dispatch.dispatch(x_td, layout)  # [R, D]
     with jax.named_scope("experts"):
-        yr = grouped_swiglu(xr, blocks, block, w["gate"], w["up"], w["down"])
+        if kind == "batched":
+            x_nbd = xr.reshape(-1, unit, xr.shape[-1])  # [R/B, B, D]
+            y_nbd = batched_swiglu(x_nbd, blocks.block_expert, w["gate"], w["up"], w["down"])
+            yr = y_nbd.reshape(xr.shape)
+        else:
+            yr = grouped_swiglu(xr, blocks, block, w["gate"], w["up"], w["down"])
     return yr, layout
 
 

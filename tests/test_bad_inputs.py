@@ -76,7 +76,8 @@ BAD = [
     # --- config files
     (
         "train --config nope",
-        "--config nope: not a file and not a preset (gpt4-scale, small, small-dense, tiny)",
+        "--config nope: not a file and not a preset "
+        "(gpt4-scale, gpu-1b, gpu-1b-dense, small, small-dense, tiny)",
     ),
     ("train --config {t}/missing.yaml", "--config {t}/missing.yaml: no such file"),
     (

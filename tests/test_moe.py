@@ -150,12 +150,13 @@ def ref_token_choice(layer, x):
         (8, 1, 9, 1, 1),  # one row per block
     ],
 )
-def test_dropless_blocks_matches_reference(n_experts, k, n_tokens, block_size, n_shared):
+@pytest.mark.parametrize("kind", ["blocks", "batched"])
+def test_dropless_blocks_matches_reference(n_experts, k, n_tokens, block_size, n_shared, kind):
     layer = make_layer(
         num_experts=n_experts,
         top_k=k,
         dispatch="dropless",
-        grouped_matmul="blocks",
+        grouped_matmul=kind,
         block_size=block_size,
         num_shared=n_shared,
     )
@@ -352,11 +353,12 @@ def _dense_jax_reference(params, x, k):
     return jnp.einsum("te,etd->td", w_te, y_etd)
 
 
-def test_dropless_blocks_gradients_match_dense_reference():
-    # The block matmul has a hand-written backward pass. E=8 with few tokens: some experts
-    # get no rows, and blocks past the used ones are skipped.
+@pytest.mark.parametrize("kind", ["blocks", "batched"])
+def test_dropless_blocks_gradients_match_dense_reference(kind):
+    # Both block matmuls have hand-written backward passes. E=8 with few tokens: some
+    # experts get no rows, and blocks past the used ones are skipped (or computed on zeros).
     k = 2
-    layer = make_layer(num_experts=8, top_k=k, grouped_matmul="blocks", block_size=4)
+    layer = make_layer(num_experts=8, top_k=k, grouped_matmul=kind, block_size=4)
     x = tokens(11)
     probe = jax.random.normal(jax.random.key(8), x.shape, jnp.float32)
     graphdef, state = nnx.split(layer)
@@ -576,7 +578,7 @@ def test_counted_block_form_equals_the_per_expert_loops(block):
     n_tokens, k, n_experts, d, f = 23, 2, 6, 8, 12
     choice = np.random.default_rng(0).choice([0, 2, 3, 5], (n_tokens, k), p=[0.6, 0.2, 0.1, 0.1])
     experts = jnp.asarray(choice, jnp.int32)
-    blocks = dispatch.block_rows(experts, n_experts, block)
+    blocks = dispatch.block_rows(experts, n_experts, dispatch.small_block(block))
     n_rows = blocks.block_expert.shape[0] * dispatch.small_block(block)
     keys = jax.random.split(jax.random.key(0), 4)
     w = [
@@ -595,6 +597,6 @@ def test_counted_block_form_equals_the_per_expert_loops(block):
         want = value_and_grads(x, *w)  # traced here: the counted block form
     got = value_and_grads(x, *w)
     np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-6)
-    for g, w_ in zip(got[1], want[1], strict=True):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w_), rtol=1e-5, atol=1e-6)
+    for g, w_ in zip(got[1], want[1], strict=True):  # summation order differs (GPU: 1.5e-5)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w_), rtol=5e-5, atol=1e-5)
     assert not np.any(np.asarray(got[1][1])[[1, 4]]), "experts without rows get zero gradient"

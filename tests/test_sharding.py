@@ -31,7 +31,7 @@ def env_with(devices: int) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
 
 
@@ -74,6 +74,16 @@ def test_same_losses_on_every_mesh_and_experts_are_split(tmp_path):
             assert len(experts) == n // expert_size, (name, held)
         # Together the devices hold every expert.
         assert sorted({e for ex in held.values() for e in ex}) == list(range(n))
+
+
+@pytest.mark.slow
+def test_gpu_batched_grouped_matmul_on_an_expert_mesh_matches_cpu_blocks(tmp_path):
+    # The GPU form ('batched') on 4-way expert parallelism, run here on fake CPU devices,
+    # against the CPU loop form ('blocks') on one device: same maths, same losses.
+    single = worker("train", 1, workdir=str(tmp_path / "single"), overrides={})
+    batched = {**MESHES["data2_expert4"], "moe.grouped_matmul": "batched"}
+    multi = worker("train", 8, workdir=str(tmp_path / "multi"), overrides=batched)
+    close(multi["losses"], single["losses"])
 
 
 @pytest.mark.slow
