@@ -1,8 +1,7 @@
-"""Grouped SwiGLU: each expert's contiguous rows through that expert's weights (the CPU
-path of dropless dispatch; on GPU/TPU `jax.lax.ragged_dot` does this job).
-
-The layout (dispatch.block_rows) pads each expert's rows to a multiple of the small block
-S = block/4. Two forms of the same maths:
+"""Grouped SwiGLU: each expert's contiguous rows through that expert's weights (dropless
+dispatch; `moe.grouped_matmul`). On CPU ('blocks') the layout (dispatch.block_rows) pads
+each expert's rows to a multiple of the small block S = block/4, in two forms of the
+same maths:
 
   expert_swiglu  what training runs: a loop over experts; each expert's rows go in whole
                  blocks of `block` rows, then one of block/2 if it fits, then blocks of S.
@@ -17,6 +16,9 @@ Why hand-written backward passes: differentiating a loop that indexes `w[e]` mak
 a full-size [E, D, F] cotangent into the gradient on every iteration (O(E*D*F) memory
 traffic per block). Here the weight gradients are accumulated per expert (or updated in
 place per block), so the backward pass costs what the blocks' matmuls cost.
+
+On GPU ('batched', at the end of this file) each expert is padded to whole blocks and all
+blocks run as one batched matmul: GPU loops are slow (a host round trip per trip).
 """
 
 from __future__ import annotations

@@ -91,12 +91,12 @@ def profile(
             log("lowering the training step with loops unrolled, to count its FLOPs ...")
             with unrolled_loops():
                 hw, source = _count_flops(step_fn.lower(state, opt_state, batch, jnp.int32(1)))
-            ratio = hw / report["flops"]["model_flops_per_step"]
+            ratio = None if hw is None else hw / report["flops"]["model_flops_per_step"]
             report["compiled"] = {
                 "flops_per_step": hw,
                 "hw_model_flops_ratio": ratio,
                 "source": source,
-                "verdict": _verdict(cfg, ratio),
+                "verdict": None if ratio is None else _verdict(cfg, ratio),
             }
 
         log("compiling the training step ...")
@@ -145,18 +145,21 @@ def profile(
     return report
 
 
-def _count_flops(lowered) -> tuple[float, str]:
-    """XLA's FLOPs of a lowered step, and which analysis gave them.
+def _count_flops(lowered) -> tuple[float | None, str]:
+    """XLA's FLOPs of a lowered step (None where no analysis counts them), and the source.
 
     On CPU: the compiled (optimised) program. Elsewhere the program as lowered, before
-    optimisation: XLA:GPU's compiled analysis leaves out the cuBLAS and cuDNN calls that
-    do the matmuls (it reported 0.19x the model FLOPs of a dense model on an H200).
+    optimisation, where the backend has that analysis: XLA:GPU's compiled analysis leaves
+    out the cuBLAS and cuDNN calls that do the matmuls (0.19x a dense model's FLOPs on an
+    H200), and jax 0.11's GPU backend has no analysis of the lowered program.
     """
     if jax.default_backend() == "cpu":
         cost, source = lowered.compile().cost_analysis(), "compiled program"
     else:
         cost, source = lowered.cost_analysis(), "lowered program, before XLA's optimisation"
     cost = cost[0] if isinstance(cost, list) else cost
+    if not cost or "flops" not in cost:
+        return None, f"not available on {jax.default_backend()}: count the same config on CPU"
     return float(cost["flops"]), source
 
 
@@ -281,13 +284,13 @@ def format_report(r: dict) -> str:
     ]
     if "compiled" in r:
         c = r["compiled"]
-        lines += [
-            "",
-            f"compiled (XLA cost analysis of the real training step: {c['source']})",
-            f"  FLOPs per step     {_si(c['flops_per_step'], 'FLOP')}",
-            f"  hw / model FLOPs   {c['hw_model_flops_ratio']:.3f}",
-            f"  {c['verdict']}",
-        ]
+        lines += ["", f"compiled (XLA cost analysis of the real training step: {c['source']})"]
+        if c["flops_per_step"] is not None:
+            lines += [
+                f"  FLOPs per step     {_si(c['flops_per_step'], 'FLOP')}",
+                f"  hw / model FLOPs   {c['hw_model_flops_ratio']:.3f}",
+                f"  {c['verdict']}",
+            ]
     m = r.get("memory", {})
     lines += [
         "",

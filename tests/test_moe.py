@@ -482,6 +482,7 @@ def _trip_counted_flops(monkeypatch, fn, args, trips: int) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.cpu_flop_count
 def test_dropless_blocks_cost_does_not_scale_with_experts(monkeypatch):
     # Blocks of 32 rows, as in the tiny preset; T*k/B = 256 blocks of real rows, so the
     # static bound's E spare blocks (skipped at run time, counted by cost analysis) are small.

@@ -60,6 +60,7 @@ def test_model_flops_formula():
 
 
 @pytest.mark.slow
+@pytest.mark.cpu_flop_count
 def test_compiled_flops_agree_with_model_flops_on_a_dense_config():
     cfg = config.load("small-dense", {"train.batch_size": 4, "train.steps": 10})
     r = profile.profile(cfg, steps=1)
@@ -70,7 +71,17 @@ def test_compiled_flops_agree_with_model_flops_on_a_dense_config():
     assert r["measured"]["mfu"] > 0 and r["measured"]["tokens_per_s"] > 0
 
 
+@pytest.mark.cpu_flop_count
+def test_gpu_batched_form_is_not_a_dense_fallback():
+    # The GPU grouped matmul counted where XLA counts it all (here): padding blocks aside,
+    # it does the model's work, not E/k times it.
+    cfg = config.load("tiny", {"moe.grouped_matmul": "batched", "train.steps": 10})
+    ratio = profile.profile(cfg, steps=1)["compiled"]["hw_model_flops_ratio"]
+    assert ratio < 1.35, ratio
+
+
 @pytest.mark.slow
+@pytest.mark.cpu_flop_count
 def test_moe_small_compiled_flops_stay_near_model_flops(tmp_path):
     cfg = config.load("small")  # the preset as users run it
     plot = tmp_path / "load.png"
