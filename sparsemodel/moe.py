@@ -151,6 +151,7 @@ class Collectives:
     specs: tuple[tuple[str, P], ...] = ()  # weight name -> PartitionSpec
     expert_size: int = 1  # devices per expert group
     batch_axes: tuple[str, ...] = ()  # axes over which tokens differ
+    fsdp_size: int = 1  # devices that share each weight
 
     @classmethod
     def for_mesh(cls, mesh, specs: dict[str, P]) -> Collectives:
@@ -158,13 +159,17 @@ class Collectives:
             tuple(specs.items()),
             mesh.shape["expert"],
             tuple(a for a in sharding.BATCH_AXES if mesh.shape[a] > 1),
+            mesh.shape["fsdp"],
         )
 
     def spec(self, name: str) -> P:
         return dict(self.specs).get(name, P())
 
     def gather_weight(self, name: str, w):
-        """FSDP: all-gather the dimensions sharded over `fsdp` (per layer, freed after)."""
+        """FSDP: all-gather the dimensions sharded over `fsdp` (per layer, freed after).
+        On one fsdp device XLA would still copy the whole weight (and its gradient)."""
+        if self.fsdp_size == 1:
+            return w
         for dim, axes in enumerate(self.spec(name)):
             if axes is not None and "fsdp" in ((axes,) if isinstance(axes, str) else axes):
                 w = jax.lax.all_gather(w, "fsdp", axis=dim, tiled=True)
