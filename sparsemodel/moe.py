@@ -357,6 +357,7 @@ def token_choice(cfg: Config, w, x_td, routing: Routing, n_experts: int):
     handled elsewhere (or padding).
     """
     e = cfg.moe
+    kind = grouped_matmul_kind(cfg)
     kept = routing.experts < n_experts
     if e.dispatch == "capacity":
         capacity = expert_capacity(x_td.shape[0], e.top_k, e.num_experts, e.capacity_factor)
@@ -367,10 +368,9 @@ def token_choice(cfg: Config, w, x_td, routing: Routing, n_experts: int):
         with jax.named_scope("experts"):
             yb = batched_experts(w, xb.reshape(n_experts, capacity, -1))
         y_rd = yb.reshape(n_experts * capacity, -1)
-    elif grouped_matmul_kind(cfg) == "ragged_dot":
+    elif kind == "ragged_dot":
         y_rd, layout = dropless_ragged(w, x_td, routing, n_experts)
     else:
-        kind = grouped_matmul_kind(cfg)
         y_rd, layout = dropless_blocks(w, x_td, routing, n_experts, e.block_size, kind)
     with jax.named_scope("combine"):
         return dispatch.combine(y_rd, jnp.where(kept, routing.weights, 0.0), layout), kept

@@ -12,7 +12,7 @@ import pytest
 from sparsemodel import cli, config
 from sparsemodel.flops import param_counts
 
-PRESETS = ["tiny", "small", "small-dense"]
+PRESETS = ["tiny", "small", "small-dense", "gpu-1b", "gpu-1b-dense"]
 
 
 # ----------------------------------------------------------------------------- presets
@@ -25,13 +25,14 @@ def test_preset_loads(name):
     assert name in config.preset_names()
 
 
-def test_small_and_small_dense_match_in_active_params_up_to_the_router():
-    small, dense = config.load("small"), config.load("small-dense")
-    assert small.is_moe and not dense.is_moe
-    m, e = small.model, small.moe
+@pytest.mark.parametrize("moe, dense", [("small", "small-dense"), ("gpu-1b", "gpu-1b-dense")])
+def test_moe_presets_match_their_dense_twins_in_active_params_up_to_the_router(moe, dense):
+    sparse, dense = config.load(moe), config.load(dense)
+    assert sparse.is_moe and not dense.is_moe
+    m, e = sparse.model, sparse.moe
     router = m.n_layers * m.d_model * e.num_experts
     active = lambda c: param_counts(c).active_per_token  # noqa: E731
-    assert active(small) - active(dense) == router
+    assert active(sparse) - active(dense) == router
 
 
 def test_load_defaults_to_small():
