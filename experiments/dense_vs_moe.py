@@ -89,7 +89,8 @@ def main(argv=None) -> int:
     for label, s in summary.items():
         frac = s["fraction_of_dense_steps"]
         print(
-            f"{label}: val loss {100 * s['val_loss_reduction_vs_dense']:+.2f}% lower than dense "
+            f"{label}: val loss {100 * abs(s['val_loss_reduction_vs_dense']):.2f}% "
+            f"{'below' if s['val_loss_reduction_vs_dense'] > 0 else 'above'} dense "
             f"at step {s['compared_at_step']}; "
             f"reaches dense's final loss at "
             f"{'never' if frac is None else f'{frac:.2f} of the steps'}; "
