@@ -11,6 +11,7 @@ imported from Hugging Face) holds parameters only; training from it starts a fre
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import threading
 from pathlib import Path
@@ -35,6 +36,20 @@ def _skip_tensorstore_io_metrics() -> None:
 
 
 _skip_tensorstore_io_metrics()
+
+
+def return_freed_heap() -> bool:
+    """Asks glibc to hand freed heap pages back to the system (malloc_trim); False where
+    there is no glibc. Each save allocates and frees hundreds of buffers on Orbax's and
+    TensorStore's threads, and glibc keeps the fragmented remains: resident memory crept
+    ~0.3 MiB per save over 60 saves of tiny, and with a trim after each save ~0.05 MiB
+    (experiments/long_run.py). The trim runs on the checkpoint thread, off the loop."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    libc.malloc_trim(0)
+    return True
 
 
 class CheckpointError(RuntimeError):
@@ -96,6 +111,8 @@ class Checkpointer:
     def _save_catching(self, *args) -> None:
         try:
             self._save_now(*args)
+            self.manager.wait_until_finished()  # then its buffers are freed: trim them
+            return_freed_heap()
         except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
             self._save_error = e
 
