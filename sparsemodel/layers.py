@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparsemodel.config import Config
+from sparsemodel.unroll import unrolling
 
 
 def param(
@@ -111,8 +112,14 @@ def causal_attention(q, k, v):
 
     On GPU in bf16/fp16 this is cuDNN's fused (flash) kernel, which never holds the
     [B, H, T, T] scores in memory; elsewhere XLA's einsum form, the same maths as `attend`.
+    Profile's FLOP count (`unrolled_loops()`) takes the einsum form everywhere: cuDNN's
+    kernel is a custom call whose matmuls no analysis of the compiled program can see.
     """
-    fused = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    fused = (
+        jax.default_backend() == "gpu"
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and not unrolling()
+    )
     return jax.nn.dot_product_attention(
         q, k, v, is_causal=True, implementation="cudnn" if fused else None
     )
