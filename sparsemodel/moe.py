@@ -119,7 +119,9 @@ class MoE(nnx.Module):
             mask_t = jnp.ones(x_td.shape[:1], bool)
         w = self.weights()
         mesh = jax.sharding.get_abstract_mesh()
-        if mesh.empty:  # plain call outside any mesh: the same function, no collectives
+        if mesh.empty or mesh.size == 1:
+            # Outside any mesh, or on one device: the same function without shard_map, whose
+            # backward would all-reduce every weight gradient over one device (a full copy).
             return moe_forward(self.cfg, Collectives(), w, x_td, mask_t, key)
         specs = {
             n: sharding.fit_spec(sharding.logical_to_spec(AXES[n]), w[n].shape, mesh) for n in w

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from sparsemodel.config import TrainConfig
@@ -29,10 +30,30 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """Scale all gradients by min(1, max_norm / global norm): optax's clip, made cheap.
+
+    optax selects between each gradient and its clipped copy; XLA:CPU materialises that
+    select as one more full pass over every gradient, which made the update 2.4x slower
+    for a 32-expert `small` (158 vs 65 ms). A scalar multiply fuses into AdamW's own pass.
+    The state is optax's (empty), so checkpoints are interchangeable.
+    """
+
+    def update(updates, state, params=None):
+        del params
+        norm = jnp.sqrt(
+            sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(updates))
+        )
+        scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
     parts = []
     if t.grad_clip > 0:
-        parts.append(optax.clip_by_global_norm(t.grad_clip))
+        parts.append(clip_by_global_norm(t.grad_clip))
     parts.append(
         optax.adamw(
             schedule(t), b1=t.beta1, b2=t.beta2, weight_decay=t.weight_decay, mask=decay_mask

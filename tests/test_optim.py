@@ -1,0 +1,30 @@
+"""The optimizer: our gradient clip against optax's, and checkpoint-compatible state."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sparsemodel import optim
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])  # clipped, and left alone
+def test_clip_equals_optax_clip_and_keeps_its_state(max_norm):
+    grads = {
+        "w": jax.random.normal(jax.random.key(0), (8, 16)),
+        "b": jnp.arange(5.0),
+    }
+    ours, ref = optim.clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+    got, state = ours.update(grads, ours.init(grads))
+    want, ref_state = ref.update(grads, ref.init(grads))
+    for k in grads:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6)
+    assert jax.tree.structure(state) == jax.tree.structure(ref_state)
+    norm = float(optax.tree.norm(got))
+    assert norm == pytest.approx(min(max_norm, float(optax.tree.norm(grads))), rel=1e-6)
+    if max_norm == 100.0:  # under the limit: untouched, bit for bit
+        for k in grads:
+            np.testing.assert_array_equal(got[k], grads[k])
