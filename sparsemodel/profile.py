@@ -90,7 +90,10 @@ def profile(
         if count_flops:
             log("lowering the training step with loops unrolled, to count its FLOPs ...")
             with unrolled_loops():
-                counted = _count_flops(step_fn.lower(state, opt_state, batch, jnp.int32(1)))
+                # A jit of its own: jax caches a function's trace, and reusing step_fn here
+                # would hand the counting form (unrolled, XLA attention) to the timed run.
+                count_fn = jax.jit(make_train_step(graphdef, cfg, tx))
+                counted = _count_flops(count_fn.lower(state, opt_state, batch, jnp.int32(1)))
             ratio = counted["flops_per_step"] / report["flops"]["model_flops_per_step"]
             report["compiled"] = {
                 **counted,

@@ -7,6 +7,8 @@ import json
 import pytest
 
 from sparsemodel import cli, config, flops, profile
+from sparsemodel.train import make_train_step
+from sparsemodel.unroll import unrolling
 
 
 def test_tiny_parameter_counts_by_hand():
@@ -71,11 +73,26 @@ def test_compiled_flops_agree_with_model_flops_on_a_dense_config():
     assert r["measured"]["mfu"] > 0 and r["measured"]["tokens_per_s"] > 0
 
 
-def test_gpu_batched_form_is_not_a_dense_fallback():
+def test_gpu_batched_form_is_not_a_dense_fallback(monkeypatch):
     # The GPU grouped matmul, counted on any backend (on GPU from the compiled program's
     # matmuls): padding blocks aside, it does the model's work, not E/k = 4 times it.
+    traced_unrolled = []
+
+    def spy(*args):
+        step = make_train_step(*args)
+
+        def traced(*a):
+            traced_unrolled.append(unrolling())
+            return step(*a)
+
+        return traced
+
+    monkeypatch.setattr(profile, "make_train_step", spy)
     cfg = config.load("tiny", {"moe.grouped_matmul": "batched", "train.steps": 10})
     c = profile.profile(cfg, steps=1)["compiled"]
+    # The counting form (loops unrolled) and the timed step are traced apart: jax caches a
+    # jitted function's trace, and one jit for both timed the counting form.
+    assert traced_unrolled == [True, False], traced_unrolled
     assert c["hw_model_flops_ratio"] < 1.35, c
     # The matmuls are most of the work even at this size, and never more than all of it.
     assert 0.8 * c["flops_per_step"] < c["matmul_flops_per_step"] <= c["flops_per_step"], c
