@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_commands import train_tiny
 
 from sparsemodel import config, sharding
 from sparsemodel.config import ConfigError, MeshConfig
@@ -109,15 +110,8 @@ def _free_port() -> int:
 
 
 def _launch(workdir, process_id, port, overrides):
-    cmd = [
-        sys.executable,
-        "-m",
-        "sparsemodel.cli",
-        "train",
-        "--config",
-        "tiny",
-        "--workdir",
-        str(workdir),
+    cmd = train_tiny(
+        workdir,
         "--coordinator-address",
         f"127.0.0.1:{port}",
         "--num-processes",
@@ -126,7 +120,7 @@ def _launch(workdir, process_id, port, overrides):
         str(process_id),
         "--set",
         *(f"{k}={v}" for k, v in overrides.items()),
-    ]
+    )
     return subprocess.Popen(
         cmd, env=env_with(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -226,19 +220,7 @@ def test_batch_not_divisible_by_batch_shards_is_one_line(tmp_path, capsys):
 
 def test_batch_not_divisible_by_the_mesh_fails_before_compiling(tmp_path):
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sparsemodel.cli",
-            "train",
-            "--config",
-            "tiny",
-            "--workdir",
-            str(tmp_path / "w"),
-            "--set",
-            "mesh.data=8",
-            "train.batch_size=4",
-        ],
+        train_tiny(tmp_path / "w", "--set", "mesh.data=8", "train.batch_size=4"),
         env=env_with(8),
         capture_output=True,
         text=True,

@@ -7,13 +7,13 @@ import math
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_commands import SPARSEMODEL, train_tiny
 
 from sparsemodel import config, evaluate, train
 from sparsemodel.checkpoint import Checkpointer, CheckpointError
@@ -36,18 +36,7 @@ def losses(workdir):
 
 def train_tiny_process(workdir, *settings) -> subprocess.Popen:
     """`sparsemodel train --config tiny` in a subprocess (stderr captured)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "sparsemodel.cli",
-        "train",
-        "--config",
-        "tiny",
-        "--workdir",
-        str(workdir),
-        "--set",
-        *settings,
-    ]
+    cmd = train_tiny(workdir, "--set", *settings)
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -184,20 +173,10 @@ def test_greedy_generation_matches_full_forward_argmax(tmp_path):
 @pytest.mark.slow
 def test_command_line_train_eval_generate(tmp_path):
     """What `make train` does, on the tiny preset, through the installed command."""
-    exe = [sys.executable, "-m", "sparsemodel.cli"]
+    exe = SPARSEMODEL
     workdir = tmp_path / "run"
     out = subprocess.run(
-        exe
-        + [
-            "train",
-            "--config",
-            "tiny",
-            "--workdir",
-            str(workdir),
-            "--set",
-            "train.steps=6",
-            "train.checkpoint_every=3",
-        ],
+        train_tiny(workdir, "--set", "train.steps=6", "train.checkpoint_every=3"),
         capture_output=True,
         text=True,
         timeout=300,
