@@ -197,9 +197,15 @@ class Transformer(nnx.Module):
             pass_keys, pass_caches = inputs
             return jax.lax.scan(unit_step, x, (state, pass_keys, pass_caches), unroll=scan_unroll())
 
-        x, (stats, caches) = jax.lax.scan(
-            one_pass, x, (keys, caches), length=repeats, unroll=scan_unroll()
-        )
+        if repeats == 1:
+            # No loop over passes: its backward would accumulate the parameters' gradient in a
+            # zero-filled carry, a full extra pass over every gradient (most of them experts').
+            x, (stats, caches) = one_pass(x, jax.tree.map(lambda a: a[0], (keys, caches)))
+            stats, caches = jax.tree.map(lambda a: a[None], (stats, caches))
+        else:
+            x, (stats, caches) = jax.lax.scan(
+                one_pass, x, (keys, caches), length=repeats, unroll=scan_unroll()
+            )
         stats = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), stats)
         return x, stats, caches
 
