@@ -30,6 +30,12 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def global_norm(tree) -> jax.Array:
+    """sqrt of the sum of squares of every leaf, in float32 (the clip and the train step's
+    norm metrics)."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     """Scale all gradients by min(1, max_norm / global norm): optax's clip, made cheap.
 

@@ -32,7 +32,7 @@ from sparsemodel.checkpoint import Checkpointer
 from sparsemodel.config import Config, ConfigError
 from sparsemodel.events import EventLog
 from sparsemodel.model import aux_losses
-from sparsemodel.optim import make_optimizer, schedule
+from sparsemodel.optim import global_norm, make_optimizer, schedule
 from sparsemodel.params import count, init_opt_state, init_params
 from sparsemodel.progress import Progress
 
@@ -106,8 +106,8 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation):
         metrics = {
             "loss": loss,
             **aux,
-            "grad_norm": optax.tree.norm(grads),
-            "param_norm": optax.tree.norm(params),
+            "grad_norm": global_norm(grads),
+            "param_norm": global_norm(params),
             "lr": lr_at(step - 1),
         }
         if stats is not None:
