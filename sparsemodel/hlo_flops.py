@@ -94,7 +94,6 @@ def count(hlo_text: str) -> MatmulFlops:
         shapes[name] = _dims(shape)
         if op == "while":
             out.loops += 1
-        target = None
         if op == "custom-call":
             t = re.search(r'custom_call_target="([^"]+)"', rest)
             target = t.group(1) if t else "?"
