@@ -54,12 +54,18 @@ def _train_step_runner(cfg):
         )
         step = jax.jit(train.make_train_step(graphdef, cfg, tx), donate_argnums=(0, 1))
         compiled = step.lower(p, o, batch, jnp.int32(1)).compile()
-    state = {"p": p, "o": o}
+    return _donated_runner(lambda po: compiled(*po, batch, jnp.int32(1))[:2], (p, o))
+
+
+def _donated_runner(step, state):
+    """A zero-argument callable timing state = step(state), whose buffers step donates, to
+    completion (after one warm-up call): fresh output buffers would add page faults."""
+    box = [state]
 
     def run():
         t0 = time.perf_counter()
-        state["p"], state["o"], m = compiled(state["p"], state["o"], batch, jnp.int32(1))
-        jax.block_until_ready(m)
+        box[0] = step(box[0])
+        jax.block_until_ready(box[0])
         return time.perf_counter() - t0
 
     run()  # warm-up
@@ -161,18 +167,8 @@ def _optimizer_runner(cfg):
         u, o = tx.update(g, o, p)
         return optax.apply_updates(p, u), o
 
-    # Donated, as in the train step: fresh output buffers would add page faults to the time.
     compiled = jax.jit(update, donate_argnums=0).lower((p, o), g).compile()
-    state = {"po": (p, o)}
-
-    def run():
-        t0 = time.perf_counter()
-        state["po"] = compiled(state["po"], g)
-        jax.block_until_ready(state["po"])
-        return time.perf_counter() - t0
-
-    run()  # warm-up
-    return run
+    return _donated_runner(lambda po: compiled(po, g), (p, o))  # donated, as in the step
 
 
 def alternate(runners: dict, repeats: int) -> dict[str, float]:

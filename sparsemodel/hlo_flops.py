@@ -42,29 +42,17 @@ def _dims(shape: str) -> list[int]:
     return [int(d) for d in m.group(1).split(",") if d] if m else []
 
 
-def _operand_names(rest: str) -> list[str]:
-    """Names of the operands in `a, f32[2,3]{1,0} %b), attrs...`, up to the closing paren."""
-    depth, end = 0, len(rest)
+def _first_operand(rest: str) -> str:
+    """The first operand's name in `a, f32[2,3]{1,0} %b), attrs...` (shapes may be inline)."""
+    depth = 0
     for i, ch in enumerate(rest):
         if ch in "([{":
             depth += 1
-        elif ch in ")]}":
-            if depth == 0:
-                end = i
-                break
+        elif ch in ")]}" and depth:
             depth -= 1
-    names, depth, start = [], 0, 0
-    for i, ch in enumerate(rest[:end] + ","):
-        if ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            token = rest[start:i].strip()
-            if token:
-                names.append(token.split()[-1].lstrip("%"))
-            start = i + 1
-    return names
+        elif ch in ",)" and depth == 0:
+            return rest[:i].split()[-1].lstrip("%")
+    return rest.split()[-1].lstrip("%")
 
 
 def _int_list(text: str | None) -> list[int]:
@@ -102,7 +90,7 @@ def count(hlo_text: str) -> MatmulFlops:
                 continue
         elif op != "dot":
             continue
-        lhs = shapes.get(_operand_names(rest)[0])
+        lhs = shapes.get(_first_operand(rest))
         if lhs is None:  # never seen in this computation: say so rather than guess
             key = f"{op} with an unknown operand"
             out.uncounted[key] = out.uncounted.get(key, 0) + 1
