@@ -11,7 +11,6 @@ imported from Hugging Face) holds parameters only; training from it starts a fre
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import threading
 from pathlib import Path
@@ -21,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from sparsemodel.host_heap import return_freed_heap
 
 
 def _skip_tensorstore_io_metrics() -> None:
@@ -36,20 +37,6 @@ def _skip_tensorstore_io_metrics() -> None:
 
 
 _skip_tensorstore_io_metrics()
-
-
-def return_freed_heap() -> bool:
-    """Asks glibc to hand freed heap pages back to the system (malloc_trim); False where
-    there is no glibc. Each save allocates and frees hundreds of buffers on Orbax's and
-    TensorStore's threads, and glibc keeps the fragmented remains: resident memory crept
-    ~0.3 MiB per save over 60 saves of tiny, and with a trim after each save ~0.05 MiB
-    (experiments/long_run.py). The trim runs on the checkpoint thread, off the loop."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    libc.malloc_trim(0)
-    return True
 
 
 class CheckpointError(RuntimeError):

@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from sparsemodel import host_heap
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsemodel", description=__doc__.splitlines()[0])
@@ -230,6 +232,7 @@ def _export_hf(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    host_heap.keep_freed_heap()  # before JAX starts its threads
     from sparsemodel.checkpoint import CheckpointError
     from sparsemodel.config import ConfigError
     from sparsemodel.data import DataError
