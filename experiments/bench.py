@@ -37,7 +37,7 @@ from sparsemodel import (
     sharding,
     train,
 )
-from sparsemodel.grouped_matmul import grouped_swiglu
+from sparsemodel.grouped_matmul import ExpertStack, grouped_swiglu
 from sparsemodel.moe import MoE
 from sparsemodel.profile import profile
 
@@ -140,7 +140,7 @@ def _layer_part_runners(cfg, tokens: int) -> dict:
     blocks, lay = jax.jit(layout)(routing.experts)
     xr = dispatch.dispatch(x, lay)
     sq = lambda f: lambda *a: jnp.sum(f(*a) ** 2)  # noqa: E731
-    experts = sq(lambda x, g, u, d: grouped_swiglu(x, blocks, e.block_size, g, u, d))
+    experts = sq(lambda x, *w: grouped_swiglu(x, blocks, e.block_size, ExpertStack.single(*w)))
     return {
         "router": _runner(jax.jit(jax.grad(router, (0, 1))), w["router"], x),
         "layout": _runner(jax.jit(layout), routing.experts),

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparsemodel.config import Config
+from sparsemodel.grouped_matmul import ExpertStack
 from sparsemodel.layers import MLP, Attention, KVCache, RMSNorm, param
-from sparsemodel.moe import MoE, MoEStats
+from sparsemodel.moe import MoE, MoEStats, reads_stack_in_place
 from sparsemodel.unroll import scan_unroll
 
 REMAT_POLICIES = {
@@ -54,14 +55,14 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(d, cfg.model.norm_eps, rngs=rngs)
         self.ffn = MoE(cfg, rngs=rngs) if self.is_moe else MLP(d, cfg.model.d_ff, cfg, rngs=rngs)
 
-    def __call__(self, x_btd, positions, mask, key, cache):
+    def __call__(self, x_btd, positions, mask, key, cache, stack=None):
         h, cache = self.attn(self.attn_norm(x_btd), positions, cache)
         x_btd = x_btd + h
         b, t, d = x_btd.shape
         h_nd = self.ffn_norm(x_btd).reshape(b * t, d)  # flatten: faster matmuls, one token group
         if self.is_moe:
             mask_n = None if mask is None else mask.reshape(b * t)
-            y_nd, stats = self.ffn(h_nd, mask_n, key)
+            y_nd, stats = self.ffn(h_nd, mask_n, key, stack)
         else:
             y_nd, stats = self.ffn(h_nd), None
         return x_btd + y_nd.reshape(b, t, d), stats, cache
@@ -73,11 +74,12 @@ class Unit(nnx.Module):
     def __init__(self, cfg: Config, kinds: tuple[str, ...], *, rngs: nnx.Rngs):
         self.blocks = nnx.List([Block(cfg, k, rngs=rngs) for k in kinds])
 
-    def __call__(self, x, positions, mask, key, caches):
+    def __call__(self, x, positions, mask, key, caches, stack=None):
+        """stack: the MoE block's ExpertStack, or None (see Transformer._scan)."""
         stats = None
         new_caches = []
         for i, block in enumerate(self.blocks):
-            x, s, c = block(x, positions, mask, key, None if caches is None else caches[i])
+            x, s, c = block(x, positions, mask, key, None if caches is None else caches[i], stack)
             stats = s if s is not None else stats  # at most one MoE block per unit
             new_caches.append(c)
         return x, stats, None if caches is None else tuple(new_caches)
@@ -174,28 +176,33 @@ class Transformer(nnx.Module):
             logits = x @ self.unembed[...].astype(x.dtype)
         return logits.astype(jnp.float32), stats, new_cache
 
-    def _scan(self, stack, repeats, x, positions, mask, key, caches):
+    def _scan(self, units, repeats, x, positions, mask, key, caches):
         """Runs a stacked Unit `repeats` times over its depth with jax.lax.scan.
 
         caches: per block of the unit, a KVCache with leading [repeats, n_unique] axes.
         Returns x, stats stacked over [repeats * n_unique] units, and the new caches.
         """
-        graphdef, state = nnx.split(stack)
+        graphdef, state = nnx.split(units)
         n_unique = jax.tree.leaves(state)[0].shape[0]
         keys = None if key is None else jax.random.split(key, (repeats, n_unique))
+        state, experts = self._expert_stack(units, state, repeats)
 
-        def unit_step(x, inputs):
-            unit_state, unit_key, unit_caches = inputs
+        def unit_step(carry, inputs):
+            x, sink = carry
+            unit_state, unit_key, unit_caches, layer = inputs
             unit = nnx.merge(graphdef, unit_state)
-            x, stats, unit_caches = unit(x, positions, mask, unit_key, unit_caches)
-            return x, (stats, unit_caches)
+            stack = None if experts is None else ExpertStack(experts, layer, sink)
+            x, stats, unit_caches = unit(x, positions, mask, unit_key, unit_caches, stack)
+            return (x, None if stack is None else stack.sink), (stats, unit_caches)
 
         if self.cfg.train.remat != "none":
             unit_step = jax.checkpoint(unit_step, policy=REMAT_POLICIES[self.cfg.train.remat])
 
         def one_pass(x, inputs):  # one pass over the unique units
             pass_keys, pass_caches = inputs
-            return jax.lax.scan(unit_step, x, (state, pass_keys, pass_caches), unroll=scan_unroll())
+            xs = (state, pass_keys, pass_caches, jnp.arange(n_unique))
+            (x, _), outputs = jax.lax.scan(unit_step, (x, experts), xs, unroll=scan_unroll())
+            return x, outputs
 
         if repeats == 1:
             # No loop over passes: its backward would accumulate the parameters' gradient in a
@@ -208,6 +215,20 @@ class Transformer(nnx.Module):
             )
         stats = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), stats)
         return x, stats, caches
+
+    def _expert_stack(self, units, state, repeats: int):
+        """(state, expert weights [U, E, ...] or None): where the MoE kernel can read the
+        stacked expert weights in place (moe.reads_stack_in_place, one pass over the
+        units), the scan's per-unit inputs keep them without gradient (their slices go
+        unused) and the weights themselves ride in the carry as the gradient's sink."""
+        moe_blocks = [i for i, block in enumerate(units.blocks) if block.is_moe]
+        if not moe_blocks or repeats != 1 or not reads_stack_in_place(self.cfg):
+            return state, None
+        ffn = state["blocks"][moe_blocks[0]]["ffn"]
+        experts = tuple(ffn[n][...] for n in ("w_gate", "w_up", "w_down"))
+        for n in ("w_gate", "w_up", "w_down"):
+            ffn[n] = ffn[n].replace(jax.lax.stop_gradient(ffn[n][...]))
+        return state, experts
 
 
 def aux_losses(stats: MoEStats | None) -> tuple[jax.Array, jax.Array]:

@@ -46,8 +46,9 @@ from jax.sharding import PartitionSpec as P
 
 from sparsemodel import dispatch, sharding
 from sparsemodel.config import Config
-from sparsemodel.grouped_matmul import batched_swiglu, grouped_swiglu
+from sparsemodel.grouped_matmul import ExpertStack, batched_swiglu, grouped_swiglu
 from sparsemodel.layers import param, swiglu
+from sparsemodel.unroll import unrolling
 
 # Logical axes of the layer's weights: used to create them and to shard_map over them.
 AXES = {
@@ -89,6 +90,21 @@ def grouped_matmul_kind(cfg: Config) -> str:
     return kind
 
 
+def reads_stack_in_place(cfg: Config) -> bool:
+    """Whether the layer scan should hand the MoE layers an ExpertStack (grouped_matmul.py)
+    rather than each layer's slice of the expert weights: dropless token choice with the
+    'blocks' kernel, outside shard_map (one device), and not in the unrolled FLOP-counting
+    form (whose kernel takes a layer's weights)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return (
+        cfg.moe.dispatch == "dropless"
+        and cfg.moe.router != "expert_choice"
+        and grouped_matmul_kind(cfg) == "blocks"
+        and (mesh.empty or mesh.size == 1)
+        and not unrolling()
+    )
+
+
 class MoE(nnx.Module):
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         m, e = cfg.model, cfg.moe
@@ -110,14 +126,17 @@ class MoE(nnx.Module):
             names += ["shared_gate", "shared_up", "shared_down"]
         return {n: getattr(self, f"w_{n}")[...] for n in names}
 
-    def __call__(self, x_td, mask_t=None, key=None) -> tuple[jax.Array, MoEStats]:
-        """x_td [T, D] (compute dtype), mask_t [T] bool or None, key: jitter PRNG key or None.
+    def __call__(self, x_td, mask_t=None, key=None, stack=None) -> tuple[jax.Array, MoEStats]:
+        """x_td [T, D] (compute dtype), mask_t [T] bool or None, key: jitter PRNG key or None,
+        stack: the layer scan's ExpertStack (see `reads_stack_in_place`) or None.
 
         Returns y [T, D] and this layer's MoEStats.
         """
         if mask_t is None:
             mask_t = jnp.ones(x_td.shape[:1], bool)
         w = self.weights()
+        if stack is not None:
+            w["stack"] = stack  # the kernel reads this layer's experts from it
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty or mesh.size == 1:
             # Outside any mesh, or on one device: the same function without shard_map, whose
@@ -396,7 +415,8 @@ def dropless_blocks(w, x_td, routing: Routing, n_experts: int, block: int, kind:
             y_nbd = batched_swiglu(x_nbd, blocks.block_expert, w["gate"], w["up"], w["down"])
             yr = y_nbd.reshape(xr.shape)
         else:
-            yr = grouped_swiglu(xr, blocks, block, w["gate"], w["up"], w["down"])
+            experts = w.get("stack") or ExpertStack.single(w["gate"], w["up"], w["down"])
+            yr = grouped_swiglu(xr, blocks, block, experts)
     return yr, layout
 
 

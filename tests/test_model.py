@@ -5,6 +5,8 @@ Models use the tiny preset (4 experts, top-2, dropless) and its variants.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -216,3 +218,65 @@ def test_every_parameter_has_logical_axis_names():
         else:
             assert "layers" not in names, (path, names)
     assert seen_stacked > 0
+
+
+# ------------------------------------------------- expert weights read in place by the scan
+
+EXPERT_STACK = {"moe.num_experts": 6, "moe.d_expert": 48}  # [E, D, F] = [6, 64, 48]
+
+
+def _loss_and_grads(lm, tokens):
+    graphdef, state = nnx.split(lm)
+
+    def loss(state):
+        logits, stats = nnx.merge(graphdef, state)(tokens)
+        lb, z = model.aux_losses(stats)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0]) + lb + z
+
+    return jax.jit(jax.value_and_grad(loss)), state
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"moe.every": 2, "moe.first_dense": 1, "model.n_layers": 5},
+        {"train.remat": "full"},
+        {"train.dtype": "bfloat16"},
+    ],
+)
+def test_scan_reading_experts_in_place_gives_the_same_gradients(overrides, monkeypatch):
+    # The layer scan hands the MoE kernel the whole expert stack and carries the gradient's
+    # sink (grouped_matmul.ExpertStack); the per-layer slices it replaces are the reference.
+    lm = make_lm(**EXPERT_STACK, **overrides)
+    tokens = random_tokens(BATCH, SEQ)
+    singles = []
+    single = model.ExpertStack.single
+    monkeypatch.setattr(model.ExpertStack, "single", lambda *w: singles.append(1) or single(*w))
+    fn, state = _loss_and_grads(lm, tokens)
+    loss, grads = fn(state)
+    assert not singles, "the scan should have read the expert stack in place"
+
+    monkeypatch.setattr(model, "reads_stack_in_place", lambda cfg: False)
+    fn, _ = _loss_and_grads(lm, tokens)
+    want_loss, want = fn(state)
+    assert singles, "the reference should run one layer's slice at a time"
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+    bf16 = "train.dtype" in overrides
+    tol = {"rtol": 2e-2, "atol": 2e-3} if bf16 else {"rtol": 1e-5, "atol": 1e-7}
+    flat_want = dict(jax.tree_util.tree_leaves_with_path(want))
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        np.testing.assert_allclose(
+            np.asarray(g), np.asarray(flat_want[path]), err_msg=str(path), **tol
+        )
+
+
+def test_scan_copies_no_layer_slice_of_the_expert_weights():
+    # What the in-place read is for: no [E, D, F] copy of a layer's experts in either pass.
+    lm = make_lm(**EXPERT_STACK)
+    fn, state = _loss_and_grads(lm, random_tokens(BATCH, SEQ))
+    hlo = fn.lower(state).compile().as_text()
+    assert "f32[2,6,64,48]" in hlo  # the stack itself is there
+    made = r"\{[\d,]*\} (dynamic-slice|dynamic-update-slice|fusion|copy|broadcast)\("
+    layer_slices = re.findall(r"= f32\[(?:1,)*6,(?:64,48|48,64)\]" + made, hlo)
+    assert not layer_slices, f"{len(layer_slices)} ops make a layer's [E, D, F] weights"

@@ -591,7 +591,7 @@ def test_counted_block_form_equals_the_per_expert_loops(block):
     x = dispatch.dispatch(jax.random.normal(keys[0], (n_tokens, d)), layout)  # [R, D]
 
     def loss(x, *w):
-        return jnp.sum(jnp.sin(gm.grouped_swiglu(x, blocks, block, *w)))
+        return jnp.sum(jnp.sin(gm.grouped_swiglu(x, blocks, block, gm.ExpertStack.single(*w))))
 
     value_and_grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
     with unrolled_loops():
