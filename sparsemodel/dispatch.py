@@ -69,8 +69,9 @@ def capacity_rows(experts_tk, n_experts: int, capacity: int):
 
 def small_block(block: int) -> int:
     """The smallest block of the CPU grouped matmul: each expert's rows are padded to a
-    multiple of it (waste < block/4 rows per expert), the largest blocks do the bulk."""
-    return max(1, block // 4)
+    multiple of it (waste < min(block/4, 32) rows per expert), the largest blocks do the
+    bulk. Capped at 32 so that large blocks (fewer, faster matmuls) cost no more padding."""
+    return max(1, min(block // 4, 32))
 
 
 class Blocks(NamedTuple):

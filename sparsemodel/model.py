@@ -191,9 +191,14 @@ class Transformer(nnx.Module):
             x, sink = carry
             unit_state, unit_key, unit_caches, layer = inputs
             unit = nnx.merge(graphdef, unit_state)
-            stack = None if experts is None else ExpertStack(experts, layer, sink)
+            if experts is None:
+                x, stats, unit_caches = unit(x, positions, mask, unit_key, unit_caches)
+                return (x, None), (stats, unit_caches)
+            stack = ExpertStack(experts, layer, sink)
             x, stats, unit_caches = unit(x, positions, mask, unit_key, unit_caches, stack)
-            return (x, None if stack is None else stack.sink), (stats, unit_caches)
+            if stack.sink[0] is sink[0]:  # the experts' whole gradient goes through the sink
+                raise AssertionError("the MoE layer did not run its experts from the stack")
+            return (x, stack.sink), (stats, unit_caches)
 
         if self.cfg.train.remat != "none":
             unit_step = jax.checkpoint(unit_step, policy=REMAT_POLICIES[self.cfg.train.remat])
