@@ -69,9 +69,16 @@ def capacity_rows(experts_tk, n_experts: int, capacity: int):
 
 def small_block(block: int) -> int:
     """The smallest block of the CPU grouped matmul: each expert's rows are padded to a
-    multiple of it (waste < min(block/4, 32) rows per expert), the largest blocks do the
-    bulk. Capped at 32 so that large blocks (fewer, faster matmuls) cost no more padding."""
-    return max(1, min(block // 4, 32))
+    multiple of it, and the largest blocks do the bulk. It is block / 2^j, so that whole
+    blocks and their halvings keep every block on a multiple of it: block/4 where that
+    divides, then halved down to 32 rows at most, so that large blocks (fewer, faster
+    matmuls) cost no more padding than blocks of 128."""
+    small = block
+    for _ in range(2):
+        small = small // 2 if small % 2 == 0 else small
+    while small > 32 and small % 2 == 0:
+        small //= 2
+    return small
 
 
 class Blocks(NamedTuple):

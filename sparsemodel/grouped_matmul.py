@@ -106,10 +106,13 @@ def _expert_weights(index, w_gate, w_up, w_down, dtype):
 # ------------------------------------------------------------- per-expert loops (runs)
 
 
-def _each_block(start, n_rows, block: int, body, carry):
+def _each_block(start, n_rows, block: int, body, carry, n_buffer: int):
     """carry = body(carry, first_row, size) over blocks tiling rows [start, start + n_rows)
-    (n_rows a multiple of S): whole blocks, then halving sizes while above S, then S."""
+    (n_rows a multiple of S): whole blocks, then halving sizes while above S, then S.
+    Blocks longer than the buffer's n_buffer rows (decoding a few tokens) are never taken."""
     small = small_block(block)
+    while block > max(n_buffer, small):
+        block //= 2
     n_full = n_rows // block
     carry = jax.lax.fori_loop(0, n_full, lambda j, c: body(c, start + j * block, block), carry)
     pos, left = start + n_full * block, n_rows - n_full * block
@@ -144,7 +147,7 @@ def _expert_forward(x_rd, start, padded, w_stack, layer, block):
             put = jax.lax.dynamic_update_slice_in_dim
             return put(y, yb, first, 0), put(g, gb, first, 0), put(u, ub, first, 0)
 
-        return _each_block(start[e], padded[e], block, body, carry)
+        return _each_block(start[e], padded[e], block, body, carry, x_rd.shape[0])
 
     n = x_rd.shape[0]
     empty = (jnp.zeros_like(x_rd), jnp.zeros((n, f), dtype), jnp.zeros((n, f), dtype))
@@ -172,7 +175,7 @@ def _expert_bwd(block, res, cotangents):
             dx = jax.lax.dynamic_update_slice_in_dim(dx, dxb, first, 0)
             return dx, tuple(_add_at(s, (layer, e), g) for s, g in zip(sinks, grads, strict=True))
 
-        return _each_block(start[e], padded[e], block, body, carry)
+        return _each_block(start[e], padded[e], block, body, carry, x_rd.shape[0])
 
     dx, sinks = jax.lax.fori_loop(0, w_stack[0].shape[1], expert, (jnp.zeros_like(x_rd), sinks))
     return dx, None, None, None, None, None, None, *sinks

@@ -148,6 +148,8 @@ def ref_token_choice(layer, x):
         (4, 1, 13, 32, 1),  # one block bigger than all assignments, shared expert
         (8, 2, 24, 7, 0),
         (8, 1, 9, 1, 1),  # one row per block
+        (4, 2, 120, 256, 0),  # blocks of 256 down to 32 (small_block's cap)
+        (8, 2, 3, 512, 0),  # decoding-sized: blocks longer than the whole buffer
     ],
 )
 @pytest.mark.parametrize("kind", ["blocks", "batched"])
@@ -164,6 +166,19 @@ def test_dropless_blocks_matches_reference(n_experts, k, n_tokens, block_size, n
     y, stats = apply(layer, x)
     np.testing.assert_allclose(np.asarray(y), ref_token_choice(layer, x), **TOL)
     assert float(stats.dropped) == 0.0
+
+
+@pytest.mark.parametrize("block", [1, 3, 5, 7, 8, 32, 100, 128, 130, 200, 512, 1000, 4096])
+def test_small_block_tiles_every_halving_of_the_block(block):
+    # The CPU loop takes whole blocks, then halvings, then small blocks: each must be a
+    # multiple of the small block, or rows would be skipped.
+    small = dispatch.small_block(block)
+    ratio = block // small
+    assert block % small == 0 and ratio & (ratio - 1) == 0, small
+    if block >= 128 and block & (block - 1) == 0:
+        assert small == 32  # capped: big blocks cost no more padding
+    elif block % 4 == 0 and block <= 128:
+        assert small == block // 4
 
 
 def test_dropless_ragged_dot_matches_reference():
