@@ -232,7 +232,8 @@ def _export_hf(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    host_heap.keep_freed_heap()  # before JAX starts its threads
+    if args.command in ("train", "profile"):  # commands that run many steps
+        host_heap.keep_freed_heap()  # before JAX starts its threads
     from sparsemodel.checkpoint import CheckpointError
     from sparsemodel.config import ConfigError
     from sparsemodel.data import DataError

@@ -129,8 +129,8 @@ def _each_block(start, n_rows, block: int, body, carry, n_buffer: int):
 def expert_swiglu(x_rd, start, padded, w_gate, w_up, w_down, layer, s_gate, s_up, s_down, block):
     """Expert e's rows are start[e] .. start[e] + padded[e] - 1; its weights are
     w_*[layer, e] of the stacked [U, E, ...] weights. Returns y [R, D] and the sinks
-    s_* unchanged; the backward writes the weight gradient of layer `layer` into the
-    sinks' cotangents (see ExpertStack)."""
+    s_* unchanged; the backward adds the weight gradient of layer `layer` into the
+    sinks' cotangents (see ExpertStack), which hold zeros there: each layer runs once."""
     w = (w_gate, w_up, w_down)
     return _expert_forward(x_rd, start, padded, w, layer, block)[0], (s_gate, s_up, s_down)
 

@@ -10,14 +10,17 @@ that never maps large blocks apart and never trims itself on free keeps those pa
 the next step: no faults after the first step (tests/test_host_heap.py). PyTorch's and
 JAX's GPU allocators cache device memory for the same reason.
 
-The price is that resident memory stays at its peak; `return_freed_heap` (after each
-checkpoint save) gives the free part back.
+The price: resident memory stays at its peak (`return_freed_heap`, after each checkpoint
+save, gives the free part back), and XLA's compiler threads share the one arena (~8%
+slower compiles). `sparsemodel train` and `profile` use it; SPARSEMODEL_KEEP_FREED_HEAP=0
+turns it off.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 
 # mallopt parameters, from glibc's malloc.h
 _M_TRIM_THRESHOLD = -1
@@ -37,10 +40,10 @@ def _libc() -> ctypes.CDLL | None:
 
 def keep_freed_heap() -> bool:
     """Makes glibc keep freed memory for reuse (see the module docstring); False where
-    there is no glibc. Call it before JAX starts its backend: a thread that has already
-    made its own arena keeps it."""
+    there is no glibc or SPARSEMODEL_KEEP_FREED_HEAP=0. Call it before JAX starts its
+    backend: a thread that has already made its own arena keeps it."""
     libc = _libc()
-    if libc is None:
+    if libc is None or os.environ.get("SPARSEMODEL_KEEP_FREED_HEAP", "1") == "0":
         return False
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM))
     return all(libc.mallopt(param, value) == 1 for param, value in settings)

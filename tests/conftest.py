@@ -13,6 +13,10 @@ CACHE_DIR = Path(__file__).parent.parent / ".pytest_cache" / "jax-compilation-ca
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE_DIR))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Commands started by tests compile far more than they run, and XLA's compiler threads
+# share one glibc arena under host_heap (8% slower test_train.py, measured): tests that
+# are not about the heap run without it; tests/test_host_heap.py runs `train` with it.
+os.environ.setdefault("SPARSEMODEL_KEEP_FREED_HEAP", "0")
 
 import jax  # noqa: E402  (after the environment it reads)
 
