@@ -67,7 +67,7 @@ class MoEConfig:
     router: Literal["topk", "expert_choice"] = "topk"
     dispatch: Literal["dropless", "capacity"] = "dropless"
     grouped_matmul: Literal["auto", "blocks", "batched", "ragged_dot"] = "auto"
-    block_size: int = 128  # rows per block: the largest CPU block (smallest: 1/4, <= 32); GPU: all
+    block_size: int = 128  # largest CPU block (smallest: dispatch.small_block); GPU: every block
     capacity_factor: float = 1.25
     renormalize: bool = True  # renormalise top-k weights to sum 1 (k > 1 only)
     jitter: float = 0.0  # multiplicative router-input noise U(1-eps, 1+eps) in training

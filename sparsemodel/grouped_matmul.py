@@ -1,10 +1,11 @@
 """Grouped SwiGLU: each expert's contiguous rows through that expert's weights (dropless
 dispatch; `moe.grouped_matmul`). On CPU ('blocks') the layout (dispatch.block_rows) pads
-each expert's rows to a multiple of the small block S = block/4, in two forms of the
-same maths:
+each expert's rows to a multiple of the small block S = dispatch.small_block(block)
+(block/4, at most 32 rows), in two forms of the same maths:
 
   expert_swiglu  what training runs: a loop over experts; each expert's rows go in whole
-                 blocks of `block` rows, then one of block/2 if it fits, then blocks of S.
+                 blocks of `block` rows, then one of each halving above S that fits,
+                 then blocks of S.
                  Few, large blocks matter on CPU: every block also reads its expert's
                  weights and adds a [D, F] gradient, which costs memory traffic whatever
                  the block's size; small tail blocks keep the padding under S rows.
