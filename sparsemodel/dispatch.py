@@ -69,14 +69,17 @@ def capacity_rows(experts_tk, n_experts: int, capacity: int):
 
 def small_block(block: int) -> int:
     """The smallest block of the CPU grouped matmul: each expert's rows are padded to a
-    multiple of it, and the largest blocks do the bulk. It is block / 2^j, so that whole
-    blocks and their halvings keep every block on a multiple of it: block/4 where that
-    divides, then halved down to 32 rows at most, so that large blocks (fewer, faster
-    matmuls) cost no more padding than blocks of 128."""
+    multiple of it, whole blocks do the bulk and the rest runs in one block of its size
+    (grouped_matmul._each_block, one `cond` per multiple of it below the block).
+
+    It is block / 2^j, so that the block's halvings (taken when decoding a few tokens)
+    are multiples of it too: block/4 where that divides, then halved down to 32 rows, so
+    that large blocks (fewer, faster matmuls) cost no more padding than blocks of 128,
+    but not below block/16, so that the rest has at most 15 sizes to compile."""
     small = block
     for _ in range(2):
         small = small // 2 if small % 2 == 0 else small
-    while small > 32 and small % 2 == 0:
+    while small > 32 and small % 2 == 0 and small > block // 16:
         small //= 2
     return small
 

@@ -400,8 +400,8 @@ def token_choice(cfg: Config, w, x_td, routing: Routing, n_experts: int):
 def dropless_blocks(w, x_td, routing: Routing, n_experts: int, block: int, kind: str):
     """Each expert's rows through its weights in blocks: -> (y [R, D], layout).
 
-    'blocks' pads each expert to a multiple of block/4 rows and loops (CPU); 'batched'
-    pads to whole blocks and runs them all in one batched matmul (GPU).
+    'blocks' pads each expert to a multiple of small_block(block) rows and loops (CPU);
+    'batched' pads to whole blocks and runs them all in one batched matmul (GPU).
     """
     unit = block if kind == "batched" else dispatch.small_block(block)
     blocks = dispatch.block_rows(routing.experts, n_experts, unit)

@@ -150,6 +150,7 @@ def ref_token_choice(layer, x):
         (8, 1, 9, 1, 1),  # one row per block
         (4, 2, 120, 256, 0),  # blocks of 256 down to 32 (small_block's cap)
         (8, 2, 3, 512, 0),  # decoding-sized: blocks longer than the whole buffer
+        (4, 2, 120, 32, 0),  # whole blocks of 32, then the rest (8-24 rows) in one block
     ],
 )
 @pytest.mark.parametrize("kind", ["blocks", "batched"])
@@ -170,15 +171,19 @@ def test_dropless_blocks_matches_reference(n_experts, k, n_tokens, block_size, n
 
 @pytest.mark.parametrize("block", [1, 3, 5, 7, 8, 32, 100, 128, 130, 200, 512, 1000, 4096])
 def test_small_block_tiles_every_halving_of_the_block(block):
-    # The CPU loop takes whole blocks, then halvings, then small blocks: each must be a
-    # multiple of the small block, or rows would be skipped.
+    # The CPU loop takes whole blocks (halved when decoding), then the rest in one block
+    # of a multiple of the small block: each must be a multiple of it, or rows would be
+    # skipped; and the rest has at most 15 sizes (one cond each).
     small = dispatch.small_block(block)
     ratio = block // small
     assert block % small == 0 and ratio & (ratio - 1) == 0, small
-    if block >= 128 and block & (block - 1) == 0:
+    assert ratio <= 16
+    if block in (128, 256, 512):
         assert small == 32  # capped: big blocks cost no more padding
     elif block % 4 == 0 and block <= 128:
         assert small == block // 4
+    if block == 4096:
+        assert small == 256  # block/16: 15 sizes of the rest, not 127
 
 
 def test_dropless_ragged_dot_matches_reference():
@@ -369,12 +374,14 @@ def _dense_jax_reference(params, x, k):
 
 
 @pytest.mark.parametrize("kind", ["blocks", "batched"])
-def test_dropless_blocks_gradients_match_dense_reference(kind):
+@pytest.mark.parametrize("block, n_tokens", [(4, 11), (8, 40)])
+def test_dropless_blocks_gradients_match_dense_reference(kind, block, n_tokens):
     # Both block matmuls have hand-written backward passes. E=8 with few tokens: some
     # experts get no rows, and blocks past the used ones are skipped (or computed on zeros).
+    # With 40 tokens most experts take a whole block of 8 and then the rest in one block.
     k = 2
-    layer = make_layer(num_experts=8, top_k=k, grouped_matmul=kind, block_size=4)
-    x = tokens(11)
+    layer = make_layer(num_experts=8, top_k=k, grouped_matmul=kind, block_size=block)
+    x = tokens(n_tokens)
     probe = jax.random.normal(jax.random.key(8), x.shape, jnp.float32)
     graphdef, state = nnx.split(layer)
 
