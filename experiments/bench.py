@@ -37,7 +37,12 @@ from sparsemodel import (
     sharding,
     train,
 )
-from sparsemodel.grouped_matmul import ExpertStack, grouped_swiglu
+from sparsemodel.grouped_matmul import (
+    ExpertStack,
+    grouped_swiglu,
+    swiglu_backward,
+    swiglu_forward,
+)
 from sparsemodel.moe import MoE
 from sparsemodel.profile import profile
 
@@ -172,6 +177,118 @@ def _optimizer_runner(cfg):
     return _donated_runner(lambda po: compiled(po, g), (p, o))  # donated, as in the step
 
 
+def _expert_matmul_runner(cfg, n_rows: int, block: int):
+    """The expert SwiGLU's nine matmuls (3 forward, 6 backward) over n_rows rows in blocks
+    of `block` rows, every block with the same, cache-resident weights: what XLA:CPU's
+    matmuls cost at that block size, apart from any weight traffic."""
+    d, f = cfg.model.d_model, cfg.moe.d_expert
+    k = jax.random.split(jax.random.key(3), 5)
+    x, dy = (jax.random.normal(k[i], (n_rows, d)) for i in (0, 1))
+    w = [0.02 * jax.random.normal(k[i], s) for i, s in ((2, (d, f)), (3, (d, f)), (4, (f, d)))]
+
+    def blocks(x, dy, *w):
+        def body(i, carry):
+            dx, grads = carry
+            rows = lambda a: jax.lax.dynamic_slice_in_dim(a, i * block, block)  # noqa: E731
+            _, g, u = swiglu_forward(rows(x), *w)
+            dxb, *dw = swiglu_backward(rows(x), g, u, rows(dy), *w)
+            dx = jax.lax.dynamic_update_slice_in_dim(dx, dxb, i * block, 0)
+            return dx, tuple(a + b for a, b in zip(grads, dw, strict=True))
+
+        zeros = (jnp.zeros_like(x), tuple(jnp.zeros_like(a) for a in w))
+        return jax.lax.fori_loop(0, n_rows // block, body, zeros)
+
+    return _runner(jax.jit(blocks), x, dy, *w)
+
+
+def _copy_bytes_per_s(repeats: int) -> float:
+    """Memory bandwidth: bytes read plus written per second by x + 1 on 256 MB."""
+    x = jnp.ones((64 << 20,), jnp.float32)
+    t = alternate({"copy": _runner(jax.jit(lambda x: x + 1), x)}, repeats)["copy"]
+    return 2 * x.nbytes / t
+
+
+def _expert_scaling(small, tokens: int, repeats: int):
+    """expert_scaling_ratio, and where the 32-expert step's extra time goes: AdamW, the
+    expert layers (of which: smaller matmul blocks), and the rest (the scan, the norms).
+
+    The floor is what the 32-expert step would cost on this machine if it paid only the
+    4-expert step, the matmul slowdown of its smaller blocks (XLA:CPU's kernels) and the
+    least memory traffic its extra weights need: 40 bytes per float32 parameter per step
+    (read in the forward and the backward 8, gradient written 4, AdamW reads weight,
+    gradient and two moments and writes three 28), at the bandwidth measured here."""
+    e32, e4 = (small.replace({"moe.num_experts": n}) for n in (32, 4))
+    figures, rows = {}, []
+    t = alternate({"e32": _train_step_runner(e32), "e4": _train_step_runner(e4)}, repeats)
+    figures["expert_scaling_ratio"] = t["e32"] / t["e4"]
+    rows.append(
+        ("expert_scaling_ratio", f"{t['e32'] * 1e3:.0f} / {t['e4'] * 1e3:.0f} ms", "<= 1.15")
+    )
+    opt = alternate({"e32": _optimizer_runner(e32), "e4": _optimizer_runner(e4)}, repeats)
+    figures["expert_scaling_ratio_without_optimizer"] = (t["e32"] - opt["e32"]) / (
+        t["e4"] - opt["e4"]
+    )
+    figures["optimizer_ms_e32_e4"] = [opt["e32"] * 1e3, opt["e4"] * 1e3]
+    layer = alternate({"e32": _layer_runner(e32, tokens), "e4": _layer_runner(e4, tokens)}, repeats)
+    n_rows, n_moe = tokens * small.moe.top_k, small.layer_kinds().count("moe")
+    block = {c: min(small.moe.block_size, n_rows // c.moe.num_experts) for c in (e32, e4)}
+    mm = alternate({c: _expert_matmul_runner(small, n_rows, block[c]) for c in (e32, e4)}, repeats)
+    extra_params = flops.param_counts(e32).total - flops.param_counts(e4).total
+    bandwidth = _copy_bytes_per_s(repeats)
+    traffic = 40 * extra_params / bandwidth
+    parts = {
+        "optimizer": opt["e32"] - opt["e4"],
+        "expert_layers": n_moe * (layer["e32"] - layer["e4"]),
+        "matmul_blocks": n_moe * (mm[e32] - mm[e4]),  # part of expert_layers
+    }
+    parts["rest"] = t["e32"] - t["e4"] - parts["optimizer"] - parts["expert_layers"]
+    figures["expert_scaling_gap_ms"] = {k: v * 1e3 for k, v in parts.items()}
+    figures["expert_scaling_floor"] = (t["e4"] + parts["matmul_blocks"] + traffic) / t["e4"]
+    figures["expert_scaling_blocks_rows"] = [block[e32], block[e4]]
+    rows.append(
+        (
+            "  without the optimizer",
+            f"{figures['expert_scaling_ratio_without_optimizer']:.3f}  "
+            f"AdamW alone {opt['e32'] * 1e3:.0f} / {opt['e4'] * 1e3:.0f} ms",
+            "report",
+        )
+    )
+    rows.append(
+        (
+            "  extra time, by part",
+            f"AdamW {parts['optimizer'] * 1e3:.0f}, expert layers "
+            f"{parts['expert_layers'] * 1e3:.0f} (blocks of {block[e32]} not {block[e4]} rows "
+            f"{parts['matmul_blocks'] * 1e3:.0f}), rest {parts['rest'] * 1e3:.0f} ms",
+            "report",
+        )
+    )
+    rows.append(
+        (
+            "  floor on this machine",
+            f"{figures['expert_scaling_floor']:.3f}  (4-expert step + smaller blocks "
+            f"+ {40 * extra_params / 1e9:.2f} GB at {bandwidth / 1e9:.0f} GB/s)",
+            "report",
+        )
+    )
+    # What scales with total parameters (AdamW, weight and gradient traffic) is paid once
+    # per step; 4x the tokens per step shows how much of the ratio it is.
+    big = {"train.batch_size": 4 * small.train.batch_size}
+    t64 = alternate(
+        {"e32": _train_step_runner(e32.replace(big)), "e4": _train_step_runner(e4.replace(big))},
+        max(3, repeats // 2),
+    )
+    figures["expert_scaling_ratio_4x_tokens"] = t64["e32"] / t64["e4"]
+    rows.append(
+        (
+            "  at 4x the tokens/step",
+            f"{figures['expert_scaling_ratio_4x_tokens']:.3f}  "
+            f"{t64['e32'] * 1e3:.0f} / {t64['e4'] * 1e3:.0f} ms",
+            "report",
+        )
+    )
+    return figures, rows
+
+
 def alternate(runners: dict, repeats: int) -> dict[str, float]:
     """Median seconds per call of each runner, calling them in turn `repeats` times."""
     times = {k: [] for k in runners}
@@ -198,15 +315,32 @@ def _peer_figures(ours_cfg, repeats: int) -> dict:
     """Our train tokens/s against transformers' Mixtral on the same model and batch, the
     peer with its fastest CPU expert kernel of the ones that fit in memory."""
     tokens = ours_cfg.train.batch_size * ours_cfg.train.seq_len
+    d = ours_cfg.model.d_model
     runners = {"ours": _train_step_runner(ours_cfg)}
     for impl in ("eager", "grouped_mm"):
         runner = peer_mixtral.train_step_runner(impl)
         if runner is None:
             return {"hf_mixtral_speedup": None}
         runners[impl] = runner
+    # The two stacks' matmul speeds on the expert block's shape and on a large square one,
+    # measured in turn with the steps: each side's model FLOP/s against its own matmuls.
+    shapes = {"block": (ours_cfg.moe.block_size, d, ours_cfg.moe.d_expert), "2048": (2048,) * 3}
+    calls, matmul = 20, jax.jit(jnp.matmul)  # 20 per timing: one alone is mostly wake-up
+    for name, (m, k, n) in shapes.items():
+        a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
+        runners[f"xla_{name}"] = _runner(lambda a, b: [matmul(a, b) for _ in range(calls)], a, b)
+        runners[f"torch_{name}"] = peer_mixtral.matmul_runner(m, k, n, calls)
     t = alternate(runners, repeats)
     best = min(("eager", "grouped_mm"), key=t.get)
+    step_flops = flops.model_flops_per_token(ours_cfg) * tokens
     return {
+        "matmul_gflops_xla_torch": {
+            name: [
+                2 * np.prod(shape) * calls / t[f"{side}_{name}"] / 1e9 for side in ("xla", "torch")
+            ]
+            for name, shape in shapes.items()
+        },
+        "model_gflops_ours_hf": [step_flops / t["ours"] / 1e9, step_flops / t[best] / 1e9],
         "ours_tokens_per_s": tokens / t["ours"],
         "hf_tokens_per_s": tokens / t[best],
         "hf_tokens_per_s_eager": tokens / t["eager"],
@@ -261,53 +395,9 @@ def main(argv=None) -> int:
     )
 
     log("3/7 train step with 32 experts vs 4 experts (top-2, same active parameters) ...")
-    t = alternate(
-        {
-            "e32": _train_step_runner(small.replace({"moe.num_experts": 32})),
-            "e4": _train_step_runner(small.replace({"moe.num_experts": 4})),
-        },
-        args.repeats,
-    )
-    figures["expert_scaling_ratio"] = t["e32"] / t["e4"]
-    rows.append(
-        ("expert_scaling_ratio", f"{t['e32'] * 1e3:.0f} / {t['e4'] * 1e3:.0f} ms", "<= 1.15")
-    )
-    opt = alternate(
-        {
-            "e32": _optimizer_runner(small.replace({"moe.num_experts": 32})),
-            "e4": _optimizer_runner(small.replace({"moe.num_experts": 4})),
-        },
-        args.repeats,
-    )
-    without = (t["e32"] - opt["e32"]) / (t["e4"] - opt["e4"])
-    figures["expert_scaling_ratio_without_optimizer"] = without
-    # What scales with total parameters (AdamW, weight and gradient copies) is paid once per
-    # step; 4x the tokens per step shows how much of the ratio it is.
-    big = {"train.batch_size": 4 * small.train.batch_size}
-    t64 = alternate(
-        {
-            "e32": _train_step_runner(small.replace({"moe.num_experts": 32, **big})),
-            "e4": _train_step_runner(small.replace({"moe.num_experts": 4, **big})),
-        },
-        max(3, args.repeats // 2),
-    )
-    figures["expert_scaling_ratio_4x_tokens"] = t64["e32"] / t64["e4"]
-    figures["optimizer_ms_e32_e4"] = [opt["e32"] * 1e3, opt["e4"] * 1e3]
-    rows.append(
-        (
-            "  without the optimizer",
-            f"{without:.3f}  AdamW alone {opt['e32'] * 1e3:.0f} / {opt['e4'] * 1e3:.0f} ms",
-            "report",
-        )
-    )
-    rows.append(
-        (
-            "  at 4x the tokens/step",
-            f"{figures['expert_scaling_ratio_4x_tokens']:.3f}  "
-            f"{t64['e32'] * 1e3:.0f} / {t64['e4'] * 1e3:.0f} ms",
-            "report",
-        )
-    )
+    scaling_figures, scaling_rows = _expert_scaling(small, tokens, args.repeats)
+    figures.update(scaling_figures)
+    rows.extend(scaling_rows)
 
     log("4/7 compiled vs model FLOPs of the small train step ...")
     r = profile(small, steps=1)
@@ -376,6 +466,16 @@ def main(argv=None) -> int:
             else "not measured: install the `hf` extra (torch CPU + transformers)"
         )
         rows.append(("hf_mixtral_speedup", shown, ">= 1.25"))
+        if speedup is not None:
+            mm, model = figures["matmul_gflops_xla_torch"], figures["model_gflops_ours_hf"]
+            rows.append(
+                (
+                    "  model / matmul GFLOP/s",
+                    f"ours {model[0]:.0f}, HF {model[1]:.0f}; matmuls XLA / torch: "
+                    + ", ".join(f"{k} {v[0]:.0f} / {v[1]:.0f}" for k, v in mm.items()),
+                    "report",
+                )
+            )
 
     figures["peak_source"] = source
     figures["host_heap_kept"] = heap_kept

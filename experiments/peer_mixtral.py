@@ -75,3 +75,22 @@ def train_step_runner(experts_implementation: str = "eager", lr: float = 3e-3):
 
     step()  # warm-up
     return step
+
+
+def matmul_runner(m: int, k: int, n: int, calls: int = 20):
+    """A zero-argument callable timing `calls` float32 [m, k] @ [k, n] in torch (oneDNN),
+    or None: the peer's matmul speed, to hold against XLA's on the same shapes."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    a, b = torch.ones(m, k), torch.ones(k, n)
+
+    def run():
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            torch.mm(a, b)
+        return time.perf_counter() - t0
+
+    run()  # warm-up
+    return run
