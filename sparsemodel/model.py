@@ -185,7 +185,7 @@ class Transformer(nnx.Module):
         graphdef, state = nnx.split(units)
         n_unique = jax.tree.leaves(state)[0].shape[0]
         keys = None if key is None else jax.random.split(key, (repeats, n_unique))
-        state, experts = self._expert_stack(units, state, repeats)
+        experts = self._expert_stack(units, state, repeats)
 
         def unit_step(carry, inputs):
             x, sink = carry
@@ -222,18 +222,19 @@ class Transformer(nnx.Module):
         return x, stats, caches
 
     def _expert_stack(self, units, state, repeats: int):
-        """(state, expert weights [U, E, ...] or None): where the MoE kernel can read the
+        """The expert weights [U, E, ...], or None: where the MoE kernel can read the
         stacked expert weights in place (moe.reads_stack_in_place, one pass over the
-        units), the scan's per-unit inputs keep them without gradient (their slices go
-        unused) and the weights themselves ride in the carry as the gradient's sink."""
+        units), `state`, the scan's per-unit inputs, keeps them without gradient (their
+        slices go unused; changed in place) and the weights themselves ride in the carry
+        as the gradient's sink."""
         moe_blocks = [i for i, block in enumerate(units.blocks) if block.is_moe]
         if not moe_blocks or repeats != 1 or not reads_stack_in_place(self.cfg):
-            return state, None
+            return None
         ffn = state["blocks"][moe_blocks[0]]["ffn"]
         experts = tuple(ffn[n][...] for n in ("w_gate", "w_up", "w_down"))
         for n in ("w_gate", "w_up", "w_down"):
             ffn[n] = ffn[n].replace(jax.lax.stop_gradient(ffn[n][...]))
-        return state, experts
+        return experts
 
 
 def aux_losses(stats: MoEStats | None) -> tuple[jax.Array, jax.Array]:
