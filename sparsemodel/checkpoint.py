@@ -1,11 +1,18 @@
 """Checkpoints on disk with Orbax: the only module that imports orbax.
 
-Layout: <workdir>/checkpoints/<step>/{params, opt_state, meta}. `meta` is JSON (the step,
-the data iterator's position and the seed the step keys derive from), so nothing in a
-checkpoint is pickled. Orbax writes each step to a temporary directory and renames it
-when complete, so a half-written step is never listed or restored. Saves are async:
-training continues while the previous step is written. A step without opt_state (e.g.
-imported from Hugging Face) holds parameters only; training from it starts a fresh optimizer.
+Layout: <workdir>/checkpoints/<step>/{params, opt_state, meta}. `meta` is JSON, so nothing
+in a checkpoint is pickled: the step, the data iterator's position, the seed the step keys
+derive from, and the checkpoint's own record of what it holds:
+  format     the layout version (FORMAT); older checkpoints are upgraded on restore
+  model      the config's shape fields (config.model_record): a config whose model differs
+             is refused in one line naming the keys, and the checkpoint is left alone
+  shapes     every array's shape, by path
+  checksums  every array's checksum (checksum.py), verified on restore: damaged bytes are
+             a damaged checkpoint, never a model that loads with wrong weights
+Orbax writes each step to a temporary directory and renames it when complete, so a
+half-written step is never listed or restored. Saves are async: training continues while
+the previous step is written. A step without opt_state (e.g. imported from Hugging Face)
+holds parameters only; training from it starts a fresh optimizer.
 """
 
 from __future__ import annotations
@@ -21,7 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sparsemodel import checksum
+from sparsemodel.config import ConfigError, check_model_record
+from sparsemodel.files import StorageError, free_name, storage_error
 from sparsemodel.host_heap import return_freed_heap
+
+# 1: before the record (no format, model, shapes or checksums in meta).
+# 2: meta holds format, model, shapes and checksums.
+FORMAT = 2
 
 
 def _skip_tensorstore_io_metrics() -> None:
@@ -43,6 +57,32 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the step and the reason."""
 
 
+def leaf_path(path) -> str:
+    """A tree path as 'units/blocks/0/attn/wq': keys, attributes and indices, without the
+    trailing `value` of an nnx Variable (Orbax's own metadata spells it as a key)."""
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    return "/".join(names[:-1] if names and names[-1] == "value" else names)
+
+
+def shapes_of(tree) -> dict[str, list[int]]:
+    return {leaf_path(p): list(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _record(params, opt_state) -> dict[str, Any]:
+    """The format, shapes and checksums that go into every checkpoint's meta."""
+    trees = {"params": params, "opt_state": opt_state}
+    return {
+        "format": FORMAT,
+        "shapes": shapes_of(params),
+        "checksums": checksum.checksums(trees, name=leaf_path),
+    }
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
 class Checkpointer:
     def __init__(self, workdir: Path, keep: int = 3, async_save: bool = True):
         self.directory = (Path(workdir) / "checkpoints").absolute()
@@ -51,8 +91,10 @@ class Checkpointer:
             create=True,
             enable_async_checkpointing=async_save,
         )
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("params", "opt_state", "meta")
+        self.manager = _listing(
+            lambda: ocp.CheckpointManager(
+                self.directory, options=options, item_names=("params", "opt_state", "meta")
+            )
         )
         # On CPU the state's buffers are host memory: a device copy costs what Orbax's own
         # host copy would, and lets all of Orbax's per-save work (tens of ms of Python)
@@ -62,6 +104,7 @@ class Checkpointer:
         self._background = async_save and jax.default_backend() == "cpu"
         self._saving: threading.Thread | None = None
         self._save_error: BaseException | None = None
+        self._saving_step: int | None = None
 
     def steps(self) -> list[int]:
         self._join()
@@ -74,13 +117,15 @@ class Checkpointer:
     def save(self, step: int, params, opt_state, meta: dict[str, Any]) -> None:
         """Starts writing step; returns before the write is done when async. opt_state None
         writes parameters only (meta records it): training from such a step starts a fresh
-        optimizer."""
+        optimizer. meta should hold `model` (config.model_record) for the restore check."""
         self._join()  # one save at a time; raises if the previous one failed
-        meta = {**meta, "params_only": opt_state is None}
+        if self._background:
+            params, opt_state = _device_copy((params, opt_state))  # the next step donates these
+        meta = {**meta, "params_only": opt_state is None, **_record(params, opt_state)}
         if not self._background:
             self._save_now(step, params, opt_state, meta)
             return
-        params, opt_state = _device_copy((params, opt_state))  # the next step donates these
+        self._saving_step = step
         self._saving = threading.Thread(
             target=self._save_catching,
             args=(step, params, opt_state, meta),
@@ -93,15 +138,41 @@ class Checkpointer:
         items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-
-    def _save_catching(self, *args) -> None:
         try:
-            self._save_now(*args)
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds
+            raise self._save_failure(step, e) from None
+
+    def _save_catching(self, step, *args) -> None:
+        try:
+            self._save_now(step, *args)
             self.manager.wait_until_finished()  # then its buffers are freed: trim them
             return_freed_heap()
         except BaseException as e:  # noqa: BLE001 - re-raised on the training thread
-            self._save_error = e
+            self._save_error = self._save_failure(step, e)
+
+    def _save_failure(self, step: int, e: BaseException) -> BaseException:
+        """A failed write as one line: a StorageError naming the directory and the space left
+        when the cause is the file system, else a CheckpointError."""
+        if isinstance(e, StorageError | CheckpointError):
+            return e
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        text = str(e)
+        if cause is None and ("No space left" in text or "Disk quota" in text):
+            cause = OSError(28, "No space left on device")
+        where = self.directory / str(step)
+        if cause is not None:
+            error = storage_error(where, cause)
+            return StorageError(f"{error} (checkpoint step {step} was not saved)")
+        return CheckpointError(f"checkpoint step {step}: saving failed: {_reason(e)}")
+
+    def check_saved(self) -> None:
+        """Raises the error of a background save that already failed (without waiting for
+        one in progress): the loop calls it every step, so a full disk stops it promptly."""
+        if self._saving is not None and not self._saving.is_alive():
+            self._join()
 
     def _join(self) -> None:
         if self._saving is not None:
@@ -128,6 +199,11 @@ class Checkpointer:
         except TypeError:  # an Orbax without the option: its default behaviour
             no_copy = ocp.type_handlers.NumpyHandler()
         chunked = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=64 << 20), params)
+        sums = {
+            "params/" + leaf_path(p): checksum.hex_of(checksum.numpy_checksum(x))
+            for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+        }
+        record = {"format": FORMAT, "shapes": shapes_of(params), "checksums": sums}
         with _quiet_absl():
             ocp.type_handlers.register_type_handler(np.ndarray, no_copy, override=True)
             manager = ocp.CheckpointManager(
@@ -143,7 +219,7 @@ class Checkpointer:
                     step,
                     args=ocp.args.Composite(
                         params=ocp.args.StandardSave(params, save_args=chunked),
-                        meta=ocp.args.JsonSave({**meta, "params_only": True}),
+                        meta=ocp.args.JsonSave({**meta, "params_only": True, **record}),
                     ),
                     force=True,
                 )
@@ -153,13 +229,95 @@ class Checkpointer:
                 ocp.type_handlers.register_type_handler(np.ndarray, default, override=True)
         self.manager.reload()
 
+    # ----------------------------------------------------------------------- reading
+
+    def meta(self, step: int) -> dict[str, Any]:
+        """The step's meta, upgraded to FORMAT; CheckpointError when it cannot be read."""
+        if step not in self.steps():
+            have = ", ".join(map(str, self.steps())) or "none"
+            raise CheckpointError(f"--step {step}: no such checkpoint (have: {have})")
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            meta = dict(out["meta"])
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds on bad files
+            raise CheckpointError(
+                f"checkpoint step {step} is damaged or incomplete: {_reason(e)}"
+            ) from e
+        return self._upgrade(step, meta)
+
+    def _upgrade(self, step: int, meta: dict[str, Any]) -> dict[str, Any]:
+        """Brings an older checkpoint's meta to FORMAT. Format 1 had no record: its shapes
+        come from Orbax's own metadata; it has no model record or checksums to check."""
+        version = meta.get("format", 1)
+        if version > FORMAT:
+            raise CheckpointError(
+                f"checkpoint step {step} has format {version}, newer than this sparsemodel "
+                f"reads ({FORMAT}): upgrade sparsemodel"
+            )
+        if version == 1:
+            with ocp.PyTreeCheckpointer() as c:
+                tree = c.metadata(self.directory / str(step) / "params").item_metadata.tree
+            meta = {**meta, "format": 2, "shapes": shapes_of(tree), "checksums": {}}
+        return meta
+
+    def check_model(self, step: int, meta, abstract_params, model: dict | None) -> None:
+        """ConfigError unless the step holds the model asked for: first by the config's
+        shape fields (naming the keys), then array by array."""
+        where = f"checkpoint step {step} in {self.directory}"
+        if model is not None and meta.get("model"):
+            check_model_record(meta["model"], model, where)
+        want, have = shapes_of(abstract_params), meta["shapes"]
+        for path in sorted(set(want) | set(have)):
+            if want.get(path) != have.get(path):
+                raise ConfigError(
+                    f"{where} holds another model than the config: parameter {path} has "
+                    f"shape {have.get(path)} there, {want.get(path)} in the config "
+                    "(use a new --workdir, or the config the checkpoint was trained with)"
+                )
+
+    def restore(self, step: int, abstract_params, abstract_opt_state=None, model=None):
+        """Restores onto the shardings carried by the abstract targets' ShapeDtypeStructs,
+        whatever mesh wrote the checkpoint. Without abstract_opt_state, params only; opt_state is
+        None also for a step saved without one (meta says so: a step that lost its
+        optimizer state is damaged, not params-only).
+
+        model: the Config asked for; a checkpoint of another model raises ConfigError (it
+        is not damaged). Damage, including any array whose bytes fail their checksum,
+        raises CheckpointError."""
+        meta = self.meta(step)
+        self.check_model(step, meta, abstract_params, model)
+        items = {"params": ocp.args.StandardRestore(abstract_params)}
+        if abstract_opt_state is not None and not meta.get("params_only"):
+            items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds on bad files
+            raise CheckpointError(
+                f"checkpoint step {step} is damaged or incomplete: {_reason(e)}"
+            ) from e
+        params, opt_state = out["params"], out.get("opt_state")
+        self._verify(step, meta, {"params": params, "opt_state": opt_state})
+        return params, opt_state, meta
+
+    def _verify(self, step: int, meta, trees: dict) -> None:
+        expected = meta.get("checksums") or {}
+        if not expected:
+            return  # format 1: written before checksums
+        for path, value in checksum.checksums(trees, name=leaf_path).items():
+            if expected.get(path) != value:
+                raise CheckpointError(
+                    f"checkpoint step {step} is damaged: {path} fails its checksum"
+                )
+
     def restore_leaf(self, step: int, path: tuple) -> np.ndarray:
         """One parameter of a step as a host numpy array, e.g. ('units', 'blocks', 0, 'attn',
-        'wq'): lets export stream a checkpoint one parameter at a time."""
+        'wq'), checked against its checksum: lets export stream a checkpoint one parameter
+        at a time."""
         keys = tuple(map(str, path)) + ("value",)  # nnx.Param's leaf; list indices as strings
         item, args = 0, ocp.RestoreArgs(restore_type=np.ndarray)
         for key in reversed(keys):
             item, args = {key: item}, {key: args}
+        meta = self.meta(step)
         try:
             with ocp.PyTreeCheckpointer() as c:
                 out = c.restore(
@@ -167,42 +325,54 @@ class Checkpointer:
                     args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True),
                 )
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds on bad files
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"checkpoint step {step}: cannot read {path}: {reason}") from e
+            raise CheckpointError(
+                f"checkpoint step {step}: cannot read {path}: {_reason(e)}"
+            ) from e
         for key in keys:
             out = out[key]
+        name = "params/" + "/".join(map(str, path))
+        expected = meta.get("checksums", {}).get(name)
+        if expected is not None and expected != checksum.hex_of(checksum.numpy_checksum(out)):
+            raise CheckpointError(
+                f"checkpoint step {step} is damaged: {name} does not match its checksum"
+            )
         return out
 
-    def restore(self, step: int, abstract_params, abstract_opt_state=None):
-        """Restores onto the shardings carried by the abstract targets' ShapeDtypeStructs,
-        whatever mesh wrote the checkpoint. Without abstract_opt_state, params only; opt_state is
-        None also for a step saved without one (meta says so: a step that lost its
-        optimizer state is damaged, not params-only)."""
-        if step not in self.steps():
-            have = ", ".join(map(str, self.steps())) or "none"
-            raise CheckpointError(f"--step {step}: no such checkpoint (have: {have})")
-        try:
-            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-            items = {"params": ocp.args.StandardRestore(abstract_params)}
-            if abstract_opt_state is not None and not meta["meta"].get("params_only"):
-                items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
-            out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds on bad files
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise CheckpointError(
-                f"checkpoint step {step} is damaged or incomplete: {reason}"
-            ) from e
-        return out["params"], out.get("opt_state"), meta["meta"]
+    def read(self, step: int | None, abstract_params, model=None):
+        """(step, params, meta) for a reader (eval, generate, profile) that may run beside a
+        `train` saving into the same workdir. step None: the newest, and when the running
+        train saves a newer one and deletes this one mid-read (it keeps only its newest
+        few), the new newest."""
+        for _ in range(_READ_ATTEMPTS):
+            want = self.latest_step() if step is None else step
+            if want is None:
+                raise CheckpointError(f"{self.directory.parent}: holds no checkpoint yet")
+            try:
+                params, _, meta = self.restore(want, abstract_params, model=model)
+                return want, params, meta
+            except CheckpointError:
+                _listing(self.manager.reload)
+                gone = want not in self.steps()
+                if not gone and (step is not None or self.manager.latest_step() == want):
+                    raise  # still there, and still the one asked for: damaged
+                if step is not None:
+                    raise CheckpointError(
+                        f"checkpoint step {want} was deleted while being read (a running "
+                        "train keeps only its newest train.keep_checkpoints)"
+                    ) from None
+        raise CheckpointError(f"{self.directory}: checkpoints kept changing while being read")
 
-    def restore_newest_good(self, abstract_params, abstract_opt_state, warn):
+    def restore_newest_good(self, abstract_params, abstract_opt_state, warn, model=None):
         """(step, params, opt_state, meta) of the newest checkpoint that restores, or None.
 
-        A damaged newer step is renamed to `<step>.damaged` (kept for inspection, out of
-        Orbax's way) and the previous one is tried; nothing is deleted.
+        A damaged newer step is renamed to `<step>.damaged` (or `.damaged-2`, ... when that
+        name is taken: kept for inspection, out of Orbax's way) and the previous one is
+        tried; nothing is deleted. A checkpoint of another model is not damage: the
+        ConfigError goes to the caller and nothing is renamed.
         """
         for step in reversed(self.steps()):
             try:
-                return (step, *self.restore(step, abstract_params, abstract_opt_state))
+                return (step, *self.restore(step, abstract_params, abstract_opt_state, model))
             except CheckpointError as e:
                 warn(f"warning: {e}; resuming from the previous checkpoint instead")
                 self._set_aside(step)
@@ -212,7 +382,11 @@ class Checkpointer:
         if jax.process_index() == 0:
             src = self.directory / str(step)
             if src.exists():
-                src.rename(self.directory / f"{step}.damaged")
+                src.rename(free_name(self.directory / f"{step}.damaged"))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
         self.manager.reload()
 
     def wait(self) -> None:
@@ -222,6 +396,26 @@ class Checkpointer:
     def close(self) -> None:
         self.wait()
         self.manager.close()
+
+    def close_quietly(self) -> None:
+        """Closes after an error has already stopped the run: a save that failed too is
+        not raised again over it (it was raised, or will be, as its own line)."""
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+_READ_ATTEMPTS = 5
+
+
+def _listing(fn):
+    """fn() (an Orbax listing of the steps), again when a step vanished while it was being
+    listed: a `train` in the same workdir deletes old steps as it saves new ones."""
+    for attempt in range(_READ_ATTEMPTS):
+        try:
+            return fn()
+        except FileNotFoundError:
+            if attempt == _READ_ATTEMPTS - 1:
+                raise
 
 
 @jax.jit

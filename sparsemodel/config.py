@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from sparsemodel.files import write_atomic
+
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
@@ -191,7 +193,8 @@ def read_file(path: Path) -> dict[str, Any]:
 
 
 def dump(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Writes cfg as YAML, atomically (StorageError when the write fails)."""
+    write_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def _resolve(name_or_path: str | Path) -> Path:
@@ -448,8 +451,8 @@ def _check_vocab_for_tokenizer(m: ModelConfig, d: DataConfig) -> None:
         )
 
 
-# Fields that change parameter shapes: a checkpoint cannot be resumed or evaluated with
-# a config that differs in any of them.
+# Fields that change parameter shapes: a checkpoint records them (`model_record`), and a
+# config that differs from the record in any of them is refused, never restored.
 SHAPE_FIELDS = (
     "model.d_model",
     "model.n_layers",
@@ -468,13 +471,23 @@ SHAPE_FIELDS = (
 )
 
 
-def check_same_shapes(stored: Config, new: Config) -> None:
-    """Raises ConfigError naming the first shape field where `new` differs from `stored`."""
-    for key in SHAPE_FIELDS:
-        section, name = key.split(".")
-        old_v, new_v = getattr(getattr(stored, section), name), getattr(getattr(new, section), name)
-        if old_v != new_v:
-            raise ConfigError(
-                f"{key}: {new_v} differs from the checkpointed model's {old_v} "
-                "(use a new --workdir, or the workdir's config.yaml)"
-            )
+def model_record(cfg: Config) -> dict[str, Any]:
+    """The SHAPE_FIELDS of cfg: what a checkpoint records of the model it holds."""
+    flat = {f"{s}.{k}": v for s, values in cfg.to_dict().items() for k, v in values.items()}
+    return {key: flat[key] for key in SHAPE_FIELDS}
+
+
+def check_model_record(record: dict[str, Any], cfg: Config, where: str) -> None:
+    """Raises ConfigError (one line, naming every key) where cfg's model differs from a
+    checkpoint's record of its own; keys the record lacks are not compared."""
+    ours = model_record(cfg)
+    diffs = [
+        f"{key}={ours[key]} (checkpoint: {record[key]})"
+        for key in SHAPE_FIELDS
+        if key in record and record[key] != ours[key]
+    ]
+    if diffs:
+        raise ConfigError(
+            f"{where} holds another model than the config: {', '.join(diffs)} "
+            "(use a new --workdir, or the config the checkpoint was trained with)"
+        )

@@ -55,12 +55,11 @@ def restore(workdir: str | Path, step: int | None = None) -> Restored:
         {"mesh.data": -1, "mesh.fsdp": 1, "mesh.expert": 1, "mesh.tensor": 1}
     )
     ckpt = Checkpointer(workdir, async_save=False)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
+    if ckpt.latest_step() is None:
         raise CheckpointError(f"--workdir {workdir}: holds no checkpoint yet")
     mesh = sharding.make_mesh(MeshConfig())
     graphdef, target = abstract_params(cfg, mesh)
-    params, _, _ = ckpt.restore(step, target)
+    step, params, _ = ckpt.read(step, target, model=cfg)
     ckpt.close()
     return Restored(cfg, step, graphdef, params, mesh, workdir)
 

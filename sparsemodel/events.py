@@ -4,34 +4,72 @@
 
 Scalars: train/* (losses, lr, grad and parameter norms, tokens/s, MFU, ...) and, for MoE
 models, experts/layer<i>/load_e<j> (load x E, 1 = balanced) and experts/layer<i>/dropped.
+
+Events are written and flushed on the training thread, once per step. tensorboardX's
+SummaryWriter writes from a background thread instead: when the disk filled up, that thread
+died, its queue filled and the next put blocked training forever (SIGTERM included).
 """
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import struct
+import time
 from pathlib import Path
 
 import numpy as np
+from tensorboardX.proto.event_pb2 import Event, SessionLog
+from tensorboardX.record_writer import masked_crc32c
+from tensorboardX.summary import scalar
+
+from sparsemodel.files import storage_error
 
 
 class EventLog:
     def __init__(self, logdir: Path, first_step: int):
-        from tensorboardX import SummaryWriter
-
-        # purge_step: a resumed run hides events a killed run logged past its checkpoint.
-        self.writer = SummaryWriter(logdir=str(logdir), purge_step=first_step, flush_secs=10)
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
+        self.path = Path(logdir) / name
+        try:
+            self._file = self.path.open("ab")
+        except OSError as e:
+            raise storage_error(self.path, e) from None
+        self._write(
+            [
+                Event(wall_time=time.time(), file_version="brain.Event:2"),
+                # A START event at first_step hides the events a killed run logged past
+                # its checkpoint (TensorBoard's purge), as SummaryWriter's purge_step does.
+                Event(step=first_step, session_log=SessionLog(status=SessionLog.START)),
+            ]
+        )
 
     def write(self, step: int, record: dict) -> None:
+        values = []
         for key, value in record.items():
             if key in ("step", "load", "layer_dropped") or value is None:
                 continue
-            self.writer.add_scalar(f"train/{key}", float(value), step)
+            values.append((f"train/{key}", float(value)))
         if "load" in record:
             load = np.asarray(record["load"])  # [moe layers, E]
             for i, row in enumerate(load):
-                for j, frac in enumerate(row):
-                    self.writer.add_scalar(f"experts/layer{i}/load_e{j}", frac * len(row), step)
+                values += [(f"experts/layer{i}/load_e{j}", f * len(row)) for j, f in enumerate(row)]
         for i, dropped in enumerate(record.get("layer_dropped", [])):
-            self.writer.add_scalar(f"experts/layer{i}/dropped", dropped, step)
+            values.append((f"experts/layer{i}/dropped", float(dropped)))
+        now = time.time()
+        self._write([Event(wall_time=now, step=step, summary=scalar(t, v)) for t, v in values])
+
+    def _write(self, events: list[Event]) -> None:
+        """Appends TFRecords (length, its crc, the Event proto, its crc) and flushes."""
+        try:
+            for event in events:
+                data = event.SerializeToString()
+                header = struct.pack("<Q", len(data))
+                record = header + struct.pack("<I", masked_crc32c(header))
+                self._file.write(record + data + struct.pack("<I", masked_crc32c(data)))
+            self._file.flush()
+        except OSError as e:
+            raise storage_error(self.path, e) from None
 
     def close(self) -> None:
-        self.writer.close()
+        with contextlib.suppress(OSError):  # a failed write already stopped the run
+            self._file.close()

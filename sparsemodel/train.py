@@ -8,7 +8,6 @@ is derived from (seed, step) rather than carried.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -26,15 +25,16 @@ from flax import nnx
 
 from sparsemodel import config as config_lib
 from sparsemodel import data as data_lib
-from sparsemodel import flops, hardware, sharding
+from sparsemodel import flops, hardware, memory, sharding
 from sparsemodel import tokenizer as tokenizer_lib
-from sparsemodel.checkpoint import Checkpointer
-from sparsemodel.config import Config, ConfigError
+from sparsemodel.checkpoint import Checkpointer, CheckpointError
+from sparsemodel.config import Config, ConfigError, model_record
 from sparsemodel.events import EventLog
 from sparsemodel.model import aux_losses
 from sparsemodel.optim import global_norm, make_optimizer, schedule
 from sparsemodel.params import count, init_opt_state, init_params
 from sparsemodel.progress import Progress
+from sparsemodel.workdir import MetricsLog, WorkdirLock, truncate_metrics
 
 
 class TrainingError(RuntimeError):
@@ -155,19 +155,28 @@ def run(
     t_start = time.perf_counter()
     t = cfg.train
 
-    # --- workdir: the resolved config, checked against what earlier runs trained --------
-    workdir = prepare_workdir(cfg, workdir)
-
-    # --- mesh: every array and collective below lives on it ------------------------------
-    mesh = sharding.make_mesh(cfg.mesh)
-    batch_div = sharding.batch_divisor(mesh)
-    if t.batch_size % batch_div or (t.batch_size // t.grad_accum) % batch_div:
-        raise ConfigError(
-            f"train.batch_size: {t.batch_size} (per micro-batch {t.batch_size // t.grad_accum}) "
-            f"is not divisible by the {batch_div} batch shards of the mesh (data x fsdp x expert)"
-        )
-    with jax.set_mesh(mesh):
-        return _train_on_mesh(cfg, workdir, mesh, stop_after, log, t_start)
+    # --- workdir: ours alone for the run (process 0 holds the lock for all) ------------
+    workdir = make_workdir(workdir)
+    lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
+    try:
+        check_resumable(cfg, workdir)
+        # --- mesh: every array and collective below lives on it --------------------------
+        mesh = sharding.make_mesh(cfg.mesh)
+        batch_div = sharding.batch_divisor(mesh)
+        if t.batch_size % batch_div or (t.batch_size // t.grad_accum) % batch_div:
+            raise ConfigError(
+                f"train.batch_size: {t.batch_size} (per micro-batch "
+                f"{t.batch_size // t.grad_accum}) is not divisible by the {batch_div} batch "
+                "shards of the mesh (data x fsdp x expert)"
+            )
+        memory.check_training_fits(cfg, mesh)
+        if jax.process_index() == 0:
+            config_lib.dump(cfg, workdir / "config.yaml")
+        with jax.set_mesh(mesh):
+            return _train_on_mesh(cfg, workdir, mesh, stop_after, log, t_start)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -> TrainResult:
@@ -178,39 +187,17 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
     corpus = load_tokenized_corpus(cfg, workdir, log)
     data_lib.check_length(corpus.train, t.seq_len, t.batch_size, "train", cfg.data.source)
     data_lib.check_vocab(corpus.train, cfg.model.vocab_size, cfg.data.source)
-    train_iter = data_lib.train_iterator(
-        corpus.train, t.seq_len, t.batch_size, t.seed, jax.process_index(), jax.process_count()
-    )
-    val_batches = lambda: data_lib.eval_batches(  # noqa: E731
-        corpus.val,
-        t.seq_len,
-        t.batch_size,
-        t.eval_batches,
-        jax.process_index(),
-        jax.process_count(),
-    )
+    train_iter = data_lib.train_iterator(corpus.train, t.seq_len, t.batch_size, t.seed, *_process())
 
-    # --- model and optimizer, created in their shardings ------------------------------
+    # --- model and optimizer: created in their shardings, then restored if saved -----
     graphdef, params = init_params(cfg, mesh, t.seed)
     tx = make_optimizer(t)
     opt_state = init_opt_state(tx, params, mesh)
-
-    # --- restore --------------------------------------------------------------------------
     ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
-    start = 0
-    restored = ckpt.restore_newest_good(params, opt_state, warn=log)
-    if restored is not None:
-        start, params, restored_opt_state, meta = restored
-        if restored_opt_state is not None:
-            opt_state = restored_opt_state
-        else:  # a params-only step (e.g. from `sparsemodel import-hf`): fresh optimizer
-            log(f"{workdir}/checkpoints/{start} holds parameters only: fresh optimizer state")
-        if meta.get("data") is not None:
-            train_iter.set_state(meta["data"])
-        log(f"resumed from {workdir}/checkpoints/{start}")
+    start, params, opt_state = restore_newest(cfg, ckpt, params, opt_state, train_iter, log)
     metrics_path = workdir / "metrics.jsonl"
     if is_lead:
-        truncate_metrics(metrics_path, start)
+        truncate_metrics(metrics_path, start, log)
 
     # --- the compiled step, and what it costs ---------------------------------------------
     train_step = jax.jit(make_train_step(graphdef, cfg, tx), donate_argnums=(0, 1))
@@ -218,102 +205,145 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
     first = sharding.put_batch(
         np.zeros((t.batch_size // jax.process_count(), t.seq_len + 1), np.int32), mesh
     )
+    log("compiling the training step ...")
     compiled = train_step.lower(params, opt_state, first, jnp.int32(start + 1)).compile()
     for line in startup_report(cfg, mesh, params, opt_state, compiled, corpus):
         log(line)
 
     # --- the loop ---------------------------------------------------------------------------
-    # MFU: model FLOPs (PaLM convention) against the devices' peak (measured on CPU).
-    flops_per_step = flops.model_flops_per_token(cfg) * t.batch_size * t.seq_len
-    peak = hardware.peak_flops_per_device()[0] * mesh.size
-    last_step = t.steps if stop_after is None else min(t.steps, start + stop_after)
-    tokens_per_step = t.batch_size * t.seq_len
-    progress = Progress(t.steps, start, every=t.log_every)
-    step_times: list[float] = []
-    loss = val_loss = None
-    checkpoint_s = 0.0
-    events = EventLog(workdir, start + 1) if is_lead else None
+    loop = StepLoop(cfg, mesh, start, stop_after, t_start)
     stop = StopRequest()  # SIGTERM / SIGINT: checkpoint this step, then exit cleanly
-    with metrics_path.open("a") if is_lead else open("/dev/null", "w") as metrics_file:
-        for step in range(start + 1, last_step + 1):
+    metrics = MetricsLog(metrics_path) if is_lead else None
+    events = EventLog(workdir, start + 1) if is_lead else None
+    val_batches = lambda: data_lib.eval_batches(  # noqa: E731
+        corpus.val, t.seq_len, t.batch_size, t.eval_batches, *_process()
+    )
+    try:
+        for step in range(start + 1, loop.last_step + 1):
+            ckpt.check_saved()  # a background save that failed stops the run now
             batch = sharding.put_batch(next(train_iter), mesh)
             t0 = time.perf_counter()
             params, opt_state, m = compiled(params, opt_state, batch, jnp.int32(step))
-            m = jax.device_get(m)
-            step_times.append(time.perf_counter() - t0)
-            loss = float(m["loss"])
-            if not all(map(math.isfinite, (loss, m["grad_norm"], m["param_norm"]))):
+            record = loop.record(step, jax.device_get(m), time.perf_counter() - t0)
+            if not loop.finite(record):
                 ckpt.wait()
-                last = ckpt.latest_step()
-                stop.release()
-                if events is not None:
-                    events.close()
-                raise TrainingError(
-                    f"step {step}: non-finite loss ({loss}), gradient norm "
-                    f"({float(m['grad_norm'])}) or parameter norm ({float(m['param_norm'])}); "
-                    f"stopped. Last good checkpoint: {last if last is not None else 'none'} "
-                    "(try a lower train.lr)"
-                )
-            step_s = statistics.median(step_times[-20:])
-            tokens_per_s = tokens_per_step / step_s
-            record = {
-                "step": step,
-                **{k: _json(v) for k, v in m.items()},
-                "tokens_per_s": tokens_per_s,
-                "mfu": flops_per_step / step_s / peak,
-                "rss_mib": resident_mib(),
-                "time_s": time.perf_counter() - t_start,  # wall time since this run began
-            }
+                raise TrainingError(loop.divergence(record, ckpt.latest_step()))
             if step % t.eval_every == 0 or step == t.steps:
-                val_loss, _ = evaluate_batches(eval_step, params, val_batches(), mesh)
-                record["val_loss"] = val_loss
-                progress.message(
-                    f"step {step}: validation loss {val_loss:.4f} "
-                    f"({val_loss / math.log(2):.3f} bits/token)"
-                )
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            if events is not None:
+                record["val_loss"] = loop.validate(eval_step, params, val_batches())
+            if metrics is not None:
+                metrics.write(record)
                 events.write(step, record)
-            progress.update(
-                step,
-                {
-                    "loss": loss,
-                    "lr": float(m["lr"]),
-                    "tok/s": round(tokens_per_s),
-                    "mfu": f"{record['mfu']:.1%}",
-                },
-            )
-            if step % t.checkpoint_every == 0 or step == last_step or stop.signal:
-                t_save = time.perf_counter()
-                ckpt.save(
-                    step,
-                    params,
-                    opt_state,
-                    {"step": step, "data": train_iter.get_state(), "seed": t.seed},
-                )
-                checkpoint_s += time.perf_counter() - t_save  # the loop's blocked time
+            loop.show(step, record)
+            if step % t.checkpoint_every == 0 or step == loop.last_step or stop.signal:
+                meta = {"step": step, "data": train_iter.get_state(), "seed": t.seed}
+                loop.timed_save(ckpt, step, params, opt_state, meta | {"model": model_record(cfg)})
             if stop.signal:
-                progress.message(f"signal {stop.signal}: saved step {step}, stopping")
-                last_step = step
+                loop.progress.message(f"signal {stop.signal}: saved step {step}, stopping")
+                loop.last_step = step
                 break
-    stop.release()
-    progress.close()
-    if events is not None:
-        events.close()
-    ckpt.wait()
-    ckpt.close()
-    wall = time.perf_counter() - t_start
-    tokens_per_s = tokens_per_step / statistics.median(step_times) if step_times else 0.0
-    return TrainResult(
-        last_step,
-        loss if loss is not None else float("nan"),
-        val_loss,
-        tokens_per_s,
-        wall,
-        data_lib.unigram_entropy(corpus.val),
-        checkpoint_s,
-    )
+        ckpt.wait()
+    finally:
+        stop.release()
+        loop.progress.close()
+        for log_file in (metrics, events):
+            if log_file is not None:
+                log_file.close()
+        ckpt.close_quietly()
+    return loop.result(data_lib.unigram_entropy(corpus.val))
+
+
+def restore_newest(cfg: Config, ckpt: Checkpointer, params, opt_state, train_iter, log):
+    """(step, params, opt_state) of the newest good checkpoint, or (0, the fresh ones).
+
+    A damaged checkpoint is set aside and the one before it tried; a checkpoint of another
+    model is refused (ConfigError). The data iterator is moved to the restored position."""
+    restored = ckpt.restore_newest_good(params, opt_state, warn=log, model=cfg)
+    if restored is None:
+        return 0, params, opt_state
+    start, params, restored_opt_state, meta = restored
+    if restored_opt_state is not None:
+        opt_state = restored_opt_state
+    else:  # a params-only step (e.g. from `sparsemodel import-hf`): fresh optimizer
+        log(f"{ckpt.directory}/{start} holds parameters only: fresh optimizer state")
+    if meta.get("data") is not None:
+        train_iter.set_state(meta["data"])
+    log(f"resumed from {ckpt.directory}/{start}")
+    return start, params, opt_state
+
+
+class StepLoop:
+    """What the step loop keeps between steps: timings, the latest losses, the progress
+    line, and the step it will stop after."""
+
+    def __init__(self, cfg: Config, mesh, start: int, stop_after: int | None, t_start: float):
+        t = cfg.train
+        self.cfg, self.mesh, self.t_start = cfg, mesh, t_start
+        self.tokens_per_step = t.batch_size * t.seq_len
+        # MFU: model FLOPs (PaLM convention) against the devices' peak (measured on CPU).
+        self.flops_per_step = flops.model_flops_per_token(cfg) * self.tokens_per_step
+        self.peak = hardware.peak_flops_per_device()[0] * mesh.size
+        self.last_step = t.steps if stop_after is None else min(t.steps, start + stop_after)
+        self.progress = Progress(t.steps, start, every=t.log_every)
+        self.step_times: list[float] = []
+        self.loss: float | None = None
+        self.val_loss: float | None = None
+        self.checkpoint_s = 0.0  # time the loop spent blocked in checkpoint saves
+
+    def record(self, step: int, m: dict, step_s: float) -> dict:
+        """The metrics.jsonl line of a step."""
+        self.step_times.append(step_s)
+        self.loss = float(m["loss"])
+        recent = statistics.median(self.step_times[-20:])
+        return {
+            "step": step,
+            **{k: _json(v) for k, v in m.items()},
+            "tokens_per_s": self.tokens_per_step / recent,
+            "mfu": self.flops_per_step / recent / self.peak,
+            "rss_mib": resident_mib(),
+            "time_s": time.perf_counter() - self.t_start,  # wall time since this run began
+        }
+
+    @staticmethod
+    def finite(record: dict) -> bool:
+        return all(math.isfinite(record[k]) for k in ("loss", "grad_norm", "param_norm"))
+
+    @staticmethod
+    def divergence(record: dict, last_saved: int | None) -> str:
+        return (
+            f"step {record['step']}: non-finite loss ({record['loss']}), gradient norm "
+            f"({record['grad_norm']}) or parameter norm ({record['param_norm']}); stopped. "
+            f"Last good checkpoint: {last_saved if last_saved is not None else 'none'} "
+            "(try a lower train.lr)"
+        )
+
+    def validate(self, eval_step, params, batches) -> float:
+        self.val_loss, _ = evaluate_batches(eval_step, params, batches, self.mesh)
+        self.progress.message(
+            f"validation loss {self.val_loss:.4f} ({self.val_loss / math.log(2):.3f} bits/token)"
+        )
+        return self.val_loss
+
+    def show(self, step: int, record: dict) -> None:
+        fields = {"loss": record["loss"], "lr": record["lr"]}
+        fields |= {"tok/s": round(record["tokens_per_s"]), "mfu": f"{record['mfu']:.1%}"}
+        self.progress.update(step, fields)
+
+    def timed_save(self, ckpt: Checkpointer, step: int, params, opt_state, meta) -> None:
+        t0 = time.perf_counter()
+        ckpt.save(step, params, opt_state, meta)
+        self.checkpoint_s += time.perf_counter() - t0  # the loop's blocked time
+
+    def result(self, unigram_entropy: float) -> TrainResult:
+        median = statistics.median(self.step_times) if self.step_times else 0.0
+        return TrainResult(
+            self.last_step,
+            self.loss if self.loss is not None else float("nan"),
+            self.val_loss,
+            self.tokens_per_step / median if median else 0.0,
+            time.perf_counter() - self.t_start,
+            unigram_entropy,
+            self.checkpoint_s,
+        )
 
 
 # ------------------------------------------------------------------------- helpers
@@ -368,9 +398,8 @@ class StopRequest:
         self._previous = {}
 
 
-def prepare_workdir(cfg: Config, workdir: str | Path) -> Path:
-    """Creates the workdir, refuses a config whose shapes differ from its checkpoints', and
-    writes the resolved config.yaml."""
+def make_workdir(workdir: str | Path) -> Path:
+    """Creates the workdir and checks that this process can write in it."""
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"--workdir {workdir}: exists and is not a directory")
@@ -381,25 +410,25 @@ def prepare_workdir(cfg: Config, workdir: str | Path) -> Path:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"--workdir {workdir}: not writable ({e.strerror})") from None
-    stored = workdir / "config.yaml"
-    if stored.exists() and (workdir / "checkpoints").exists():
-        config_lib.check_same_shapes(config_lib.load(stored), cfg)
-    if jax.process_index() == 0:
-        config_lib.dump(cfg, stored)
     return workdir
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drops metric lines past the restored step, so a resumed run's log has one line
-    per step (a killed run may have logged steps it never checkpointed)."""
-    if not path.exists():
-        return
-    lines = [
-        ln
-        for ln in path.read_text().splitlines()
-        if ln.strip() and json.loads(ln)["step"] <= last_step
-    ]
-    path.write_text("".join(ln + "\n" for ln in lines))
+def check_resumable(cfg: Config, workdir: Path) -> None:
+    """Refuses a config whose model differs from the record of the workdir's newest
+    readable checkpoint, before anything is loaded or compiled (restore checks again,
+    array by array). Steps whose meta cannot be read are left to restore's damage path."""
+    ckpt = Checkpointer(workdir, async_save=False)
+    try:
+        for step in reversed(ckpt.steps()):
+            try:
+                record = ckpt.meta(step).get("model")
+            except CheckpointError:
+                continue
+            if record:
+                config_lib.check_model_record(record, cfg, f"checkpoint step {step} in {workdir}")
+            return
+    finally:
+        ckpt.close()
 
 
 def startup_report(cfg, mesh, params, opt_state, compiled, corpus) -> list[str]:
@@ -433,6 +462,10 @@ def resident_mib() -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _process() -> tuple[int, int]:
+    return jax.process_index(), jax.process_count()
 
 
 def _json(v):

@@ -383,25 +383,27 @@ def test_dump_round_trips_non_default_choices(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "overrides, key",
+    "overrides, named",
     [
-        ({"moe.num_experts": 8}, "moe.num_experts"),
-        ({"model.d_model": 128}, "model.d_model"),
-        ({"model.tie_embeddings": True}, "model.tie_embeddings"),
-        ({"moe.d_expert": 32}, "moe.d_expert"),
+        ({"moe.num_experts": 8}, "moe.num_experts=8 (checkpoint: 4)"),
+        ({"model.d_model": 128}, "model.d_model=128 (checkpoint: 64)"),
+        ({"model.tie_embeddings": True}, "model.tie_embeddings=True (checkpoint: False)"),
+        (
+            {"moe.d_expert": 32, "model.vocab_size": 300},
+            "model.vocab_size=300 (checkpoint: 256), moe.d_expert=32 (checkpoint: 64)",
+        ),
     ],
 )
-def test_check_same_shapes_names_the_field(overrides, key):
-    stored = config.load("tiny")
+def test_model_record_check_names_every_differing_key(overrides, named):
+    record = config.model_record(config.load("tiny"))
     new = config.load("tiny", overrides=overrides)
     with pytest.raises(config.ConfigError) as exc:
-        config.check_same_shapes(stored, new)
-    assert "\n" not in str(exc.value)
-    assert str(exc.value).startswith(f"{key}: ")
+        config.check_model_record(record, new, "checkpoint step 2")
+    assert str(exc.value).startswith(f"checkpoint step 2 holds another model than the config: {named} (")
 
 
-def test_check_same_shapes_allows_training_changes():
-    stored = config.load("tiny")
+def test_model_record_check_allows_training_changes():
+    record = config.model_record(config.load("tiny"))
     new = config.load(
         "tiny",
         overrides={
@@ -413,7 +415,9 @@ def test_check_same_shapes_allows_training_changes():
             "train.dtype": "bfloat16",
         },
     )
-    config.check_same_shapes(stored, new)  # does not raise
+    config.check_model_record(record, new, "step 2")
+    with pytest.raises(config.ConfigError):  # the same record does catch a shape change
+        config.check_model_record(record, new.replace({"model.d_model": 32}), "step 2")
 
 
 # ----------------------------------------------------------------------- CLI error path
