@@ -26,20 +26,27 @@ permutation is needed. transformers 5 keeps experts fused in memory
 which is what transformers 5's `save_pretrained` writes and what every version loads.
 
 Both directions stream tensor by tensor, so a checkpoint larger than memory converts:
-import assembles each stacked parameter in a numpy memmap on disk (beside the workdir)
-and checkpoints the memmaps; export restores one of our parameters at a time and writes
-safetensors shards with a header computed up front.
+import assembles each stacked parameter in a numpy memmap on disk (in the workdir being
+built) and checkpoints the memmaps; export restores one of our parameters at a time and
+writes safetensors shards with a header computed up front.
+
+Import checks every stored tensor's name, dtype and shape against config.json (from the
+safetensors headers) before converting any, as transformers does: a reshape alone would
+accept a same-sized tensor in the wrong layout, e.g. a transposed projection. Both
+directions build their output under a temporary name beside it and rename it at the end,
+so a refusal or a failure leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import struct
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,61 +71,102 @@ MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size for save_pretrai
 # ------------------------------------------------------------------------- configs
 
 
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in path, or ConfigError (one line) naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+_REQUIRED = object()  # a config.json key with no default
+
+# What each kind of config.json value must be, as a check and in words.
+_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "count": (lambda v: type(v) is int and v > 0, "a positive integer"),
+    "number": (lambda v: type(v) in (int, float) and math.isfinite(v), "a finite number"),
+    "flag": (lambda v: type(v) is bool, "true or false"),
+    "mapping": (lambda v: isinstance(v, dict), "an object"),
+}
+
+
+def _hf_value(hf: dict[str, Any], key: str, kind: str, default: Any, where: str) -> Any:
+    """hf[key] checked to be of `kind` (default when absent or null), else ConfigError."""
+    if key not in hf and default is _REQUIRED:
+        raise ConfigError(f"{where}: missing key {key}")
+    found = hf.get(key)
+    if found is None and default is not _REQUIRED:
+        return default
+    is_kind, in_words = _KINDS[kind]
+    if not is_kind(found):
+        raise ConfigError(f"{where}: {key}: expected {in_words}, got {found!r:.60}")
+    return found
+
+
 def config_from_hf(hf: dict[str, Any], where: str) -> Config:
     """Our Config for a Mixtral config.json, or ConfigError naming what does not map."""
 
     def refuse(reason: str):
         raise ConfigError(f"{where}: {reason}")
 
+    def value(key: str, kind: str, default: Any = _REQUIRED, within: dict | None = None) -> Any:
+        return _hf_value(hf if within is None else within, key, kind, default, where)
+
     model_type = hf.get("model_type")
     if model_type in NOT_MAPPABLE:
         refuse(f"model_type {model_type} does not map: it has {NOT_MAPPABLE[model_type]}")
     if model_type != "mixtral":
         refuse(f"model_type {model_type!r} is not supported (import-hf reads model_type mixtral)")
-    d, heads = hf["hidden_size"], hf["num_attention_heads"]
+    d, heads = value("hidden_size", "count"), value("num_attention_heads", "count")
     if hf.get("hidden_act", "silu") != "silu":
         refuse(f"hidden_act {hf['hidden_act']!r} does not map (our experts are SwiGLU: silu)")
-    if hf.get("head_dim") not in (None, d // heads) or d % heads:
-        refuse(f"head_dim {hf.get('head_dim')} != hidden_size/num_attention_heads ({d}/{heads})")
-    window, max_pos = hf.get("sliding_window"), hf.get("max_position_embeddings")
+    head_dim = value("head_dim", "count", None)
+    if head_dim not in (None, d // heads) or d % heads:
+        refuse(f"head_dim {head_dim} != hidden_size/num_attention_heads ({d}/{heads})")
+    window = value("sliding_window", "count", None)
+    max_pos = value("max_position_embeddings", "count", None)
     if window is not None and (max_pos is None or window < max_pos):
         refuse(
             f"sliding_window {window} < max_position_embeddings {max_pos} does not map "
             "(our attention is full causal)"
         )
     for flag in ("attention_bias", "mlp_bias"):
-        if hf.get(flag):
+        if value(flag, "flag", False):
             refuse(f"{flag}=true does not map (our projections have no biases)")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope = value("rope_parameters", "mapping", None) or value("rope_scaling", "mapping", {})
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         refuse(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} does not map")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 1e6))  # 1e6: MixtralConfig's default
-    top_k, ffn = hf.get("num_experts_per_tok", 2), hf["intermediate_size"]
+    theta = value("rope_theta", "number", 1e6)  # 1e6: MixtralConfig's default
+    theta = value("rope_theta", "number", theta, within=rope)  # transformers 5 keeps it here
+    top_k, ffn = value("num_experts_per_tok", "count", 2), value("intermediate_size", "count")
     data = {
         "model": {
             "d_model": d,
-            "n_layers": hf["num_hidden_layers"],
+            "n_layers": value("num_hidden_layers", "count"),
             "n_heads": heads,
-            "n_kv_heads": hf.get("num_key_value_heads") or heads,
+            "n_kv_heads": value("num_key_value_heads", "count", heads),
             "d_ff": ffn,  # unused (no dense layers) but kept meaningful
-            "vocab_size": hf["vocab_size"],
-            "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+            "vocab_size": value("vocab_size", "count"),
+            "tie_embeddings": value("tie_word_embeddings", "flag", False),
             "rope_theta": float(theta),
-            "norm_eps": float(hf.get("rms_norm_eps", 1e-5)),
-            "init_std": float(hf.get("initializer_range", 0.02)),
+            "norm_eps": float(value("rms_norm_eps", "number", 1e-5)),
+            "init_std": float(value("initializer_range", "number", 0.02)),
         },
         "moe": {
-            "num_experts": hf.get("num_local_experts", 8),
+            "num_experts": value("num_local_experts", "count", 8),
             "top_k": top_k,
             "d_expert": ffn,
             "router": "topk",
             "dispatch": "dropless",
             "renormalize": True,
             # HF jitters the whole MoE input, we the router input: training-only noise.
-            "jitter": float(hf.get("router_jitter_noise", 0.0)),
+            "jitter": float(value("router_jitter_noise", "number", 0.0)),
             # HF's f_e counts assignments per token (sums to k), ours per assignment (sums
             # to 1): the same loss needs k times the coefficient.
-            "lb_coef": float(hf.get("router_aux_loss_coef", 0.001)) * top_k,
+            "lb_coef": float(value("router_aux_loss_coef", "number", 0.001)) * top_k,
             "z_coef": 0.0,  # Mixtral trains without a router z-loss
         },
         # Fine-tuning defaults: a small learning rate; --set overrides as usual.
@@ -262,50 +310,109 @@ class SafetensorsDir:
     """The tensors of a Hugging Face checkpoint directory, read one at a time by name.
 
     Accepts v4 names for experts also when the files hold transformers 5's fused ones.
+    Opening reads only the files' headers (names, dtypes, shapes), which safetensors checks
+    against the file sizes.
     """
 
     _V4_EXPERT = re.compile(r"(model\.layers\.\d+\.)block_sparse_moe\.experts\.(\d+)\.w([123])\.")
 
     def __init__(self, src: Path, stack: ExitStack):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        index = src / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(p.name for p in src.glob("*.safetensors"))
-        if not files:
-            raise ConfigError(f"{src}: no *.safetensors files (only safetensors are read)")
         self.file_of: dict[str, Any] = {}
-        for name in files:
-            handle = stack.enter_context(safe_open(str(src / name), framework="numpy"))
+        for name in _safetensors_files(src):
+            try:
+                handle = stack.enter_context(safe_open(str(src / name), framework="numpy"))
+            except (SafetensorError, OSError) as e:
+                raise ConfigError(f"{src / name}: not a readable safetensors file ({e})") from None
             self.file_of.update(dict.fromkeys(handle.keys(), handle))
-        self.read: set[str] = set()
 
     def names(self) -> set[str]:
         return set(self.file_of)
 
+    def header(self, stored: str) -> tuple[tuple[int, ...], str]:
+        """(shape, safetensors dtype such as 'BF16') of a stored tensor, without its data."""
+        view = self.file_of[stored].get_slice(stored)
+        return tuple(view.get_shape()), view.get_dtype()
+
+    def stored_name(self, name: str) -> str:
+        """The stored tensor that holds the v4 tensor `name`: itself or transformers 5's."""
+        if name in self.file_of:
+            return name
+        match = self._V4_EXPERT.match(name)
+        if match is not None:
+            w = match.group(3)
+            alias = match.group(1) + (
+                "mlp.experts.down_proj" if w == "2" else "mlp.experts.gate_up_proj"
+            )
+        else:
+            alias = name.replace("block_sparse_moe.gate.", "mlp.gate.")
+        if alias in self.file_of:
+            return alias
+        nor = f" (nor {alias})" if alias != name else ""
+        raise ConfigError(f"checkpoint has no tensor {name}{nor}")
+
     def get(self, name: str) -> np.ndarray:
         """The tensor `name` (a v4 name) as float32."""
-        if name in self.file_of:
-            self.read.add(name)
-            return self.file_of[name].get_tensor(name).astype(np.float32)
-        if name.endswith("block_sparse_moe.gate.weight"):
-            return self.get(name.replace("block_sparse_moe.", "mlp."))
+        stored = self.stored_name(name)
         match = self._V4_EXPERT.match(name)
-        if match is None:
-            raise ConfigError(f"checkpoint has no tensor {name}")
-        prefix, i, w = match.group(1), int(match.group(2)), match.group(3)
-        fused = prefix + ("mlp.experts.down_proj" if w == "2" else "mlp.experts.gate_up_proj")
-        if fused not in self.file_of:
-            raise ConfigError(f"checkpoint has no tensor {name} (nor {fused})")
-        self.read.add(fused)
-        rows = self.file_of[fused].get_slice(fused)[i].astype(np.float32)  # one expert only
+        if stored == name or match is None:
+            return self.file_of[stored].get_tensor(stored).astype(np.float32)
+        i, w = int(match.group(2)), match.group(3)
+        rows = self.file_of[stored].get_slice(stored)[i].astype(np.float32)  # one expert only
         if w == "2":
             return rows  # [D, F]
         half = rows.shape[0] // 2  # gate_up rows: gate then up
         return rows[:half] if w == "1" else rows[half:]  # [F, D]
+
+
+def _safetensors_files(src: Path) -> list[str]:
+    """The files of src's index (each checked to exist), else every *.safetensors in src."""
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(f, str) for f in weight_map.values()
+        ):
+            raise ConfigError(f"{index}: expected a weight_map object of tensor -> file name")
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (src / f).is_file()]
+        if missing:
+            raise ConfigError(
+                f"{index}: names {missing[0]}, which is not a file in {src} "
+                f"({len(missing)} of {len(files)} files missing)"
+            )
+    else:
+        files = sorted(p.name for p in src.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"{src}: no *.safetensors files (only safetensors are read)")
+    return files
+
+
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of what we convert
+
+
+def _check_tensors(cfg: Config, reader: SafetensorsDir) -> None:
+    """ConfigError (one line) for the first stored tensor that is missing, unused, not
+    floating point or not of the shape config.json implies, so that a wrong layout of the
+    same size (e.g. a transposed projection) is refused, not silently reshaped."""
+    stored = dict.fromkeys(reader.stored_name(slot.hf) for slot in slots(cfg))  # in order
+    for name in stored:
+        shape, dtype = reader.header(name)
+        if dtype not in _FLOAT_DTYPES:
+            floats = ", ".join(_FLOAT_DTYPES)
+            raise ConfigError(f"tensor {name}: dtype {dtype}, expected a float ({floats})")
+        expected = _hf_shape(name, cfg)
+        if shape != expected:
+            raise ConfigError(
+                f"tensor {name}: shape {shape} in the checkpoint, expected {expected} "
+                "from config.json"
+            )
+    ignorable = {"lm_head.weight"} if cfg.model.tie_embeddings else set()
+    left = sorted(reader.names() - stored.keys() - ignorable)
+    left = [n for n in left if not n.endswith("rotary_emb.inv_freq")]  # a buffer, not a weight
+    if left:
+        raise ConfigError(f"tensor {left[0]} has no place in a Mixtral model ({len(left)} unused)")
 
 
 # ------------------------------------------------------------------------- import
@@ -315,7 +422,9 @@ def import_hf(src: str | Path, workdir: str | Path, log=print) -> Config:
     """Converts a Hugging Face Mixtral directory into a workdir holding a step-0 checkpoint.
 
     The checkpoint holds parameters only; `sparsemodel train` on the workdir starts a fresh
-    optimizer from it (fine-tuning).
+    optimizer from it (fine-tuning). Every check runs before anything is written, and the
+    workdir is built under a temporary name beside it, so a refused or failed import leaves
+    nothing behind.
     """
     from sparsemodel.checkpoint import Checkpointer
 
@@ -323,35 +432,63 @@ def import_hf(src: str | Path, workdir: str | Path, log=print) -> Config:
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
         raise ConfigError(f"{src}: no config.json (not a Hugging Face checkpoint directory)")
-    hf_cfg = json.loads(cfg_path.read_text())
+    hf_cfg = _read_json_object(cfg_path)
     cfg = config_from_hf(hf_cfg, str(cfg_path))
     tokenizer = src / "tokenizer.json"
     if tokenizer.is_file():
         cfg = cfg.replace({"data.tokenizer": "bpe"})  # train/eval/generate read the copy below
-    if (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir()):
-        raise ConfigError(f"--workdir {workdir}: already holds checkpoints (use a new one)")
-    workdir.mkdir(parents=True, exist_ok=True)
-    if tokenizer.is_file():
-        shutil.copyfile(tokenizer, workdir / "tokenizer.json")
-    (workdir / "hf_config.json").write_text(json.dumps(hf_cfg, indent=2))  # for export-hf
-
-    tmp = workdir / ".import-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        with ExitStack() as stack:
-            params = _assemble(cfg, SafetensorsDir(src, stack), tmp, log)
-            ckpt = Checkpointer(workdir, async_save=False)
+    _refuse_existing(workdir, f"--workdir {workdir}")
+    with ExitStack() as stack:
+        reader = SafetensorsDir(src, stack)
+        _check_tensors(cfg, reader)
+        with _built_beside(workdir, f"--workdir {workdir}") as build:
+            if tokenizer.is_file():
+                shutil.copyfile(tokenizer, build / "tokenizer.json")
+            (build / "hf_config.json").write_text(json.dumps(hf_cfg, indent=2))  # for export-hf
+            memmaps = build / "import-memmaps"
+            memmaps.mkdir()
+            params = _assemble(cfg, reader, memmaps, log)
+            ckpt = Checkpointer(build, async_save=False)
             ckpt.save_host_params(0, params, {"step": 0, "seed": 0, "source": str(src)})
             ckpt.close()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    config_lib.dump(cfg, workdir / "config.yaml")
+            shutil.rmtree(memmaps)
+            config_lib.dump(cfg, build / "config.yaml")
     return cfg
 
 
-def _assemble(cfg: Config, reader: SafetensorsDir, tmp: Path, log):
-    """Our params State with numpy memmap leaves (under tmp), filled tensor by tensor."""
+def _refuse_existing(path: Path, what: str) -> None:
+    """ConfigError unless path is absent or an empty directory: nothing is overwritten."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what}: exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        held = "checkpoints" if (path / "checkpoints").exists() else "files"
+        raise ConfigError(f"{what}: already holds {held} (use a new directory)")
+
+
+@contextmanager
+def _built_beside(dest: Path, what: str) -> Iterator[Path]:
+    """A new directory under a temporary name beside dest, renamed to dest when the block
+    succeeds and removed when it fails, so dest never holds a half-written result."""
+    build = dest.absolute().parent / f".{dest.absolute().name}.partial-{os.getpid()}"
+    try:
+        build.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(build, ignore_errors=True)  # left by a killed run of this same pid
+        build.mkdir()
+    except OSError as e:
+        raise ConfigError(f"{what}: not writable ({e.strerror})") from None
+    try:
+        yield build
+        try:
+            build.rename(dest)  # atomic; replaces an empty directory, never a non-empty one
+        except OSError as e:
+            raise ConfigError(f"{what}: cannot put the result in place ({e.strerror})") from None
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+
+
+def _assemble(cfg: Config, reader: SafetensorsDir, memmaps: Path, log):
+    """Our params State with numpy memmap leaves (under memmaps), filled tensor by tensor."""
     import jax
 
     from sparsemodel import sharding
@@ -363,28 +500,17 @@ def _assemble(cfg: Config, reader: SafetensorsDir, tmp: Path, log):
     def memmap(path, x):
         name = "-".join(str(getattr(k, "key", k)) for k in path)
         arrays[_leaf_key(path)] = a = np.lib.format.open_memmap(
-            tmp / f"{name}.npy", mode="w+", dtype=np.float32, shape=x.shape
+            memmaps / f"{name}.npy", mode="w+", dtype=np.float32, shape=x.shape
         )
         return a
 
     params = jax.tree_util.tree_map_with_path(memmap, target)
     todo = slots(cfg)
     for n, slot in enumerate(todo):
-        dest = arrays[slot.leaf]
-        value = slot.to_ours(reader.get(slot.hf))
-        if value.shape != dest[slot.index].shape:
-            raise ConfigError(
-                f"tensor {slot.hf}: shape {value.shape} (as ours) does not match config.json's "
-                f"{dest[slot.index].shape}"
-            )
-        dest[slot.index] = value
+        # _check_tensors has matched the HF shape to the config, so this reshape is exact.
+        arrays[slot.leaf][slot.index] = slot.to_ours(reader.get(slot.hf))
         if n and n % 200 == 0:
             log(f"converted {n}/{len(todo)} tensors")
-    ignorable = {"lm_head.weight"} if cfg.model.tie_embeddings else set()
-    left = sorted(reader.names() - reader.read - ignorable)
-    left = [n for n in left if not n.endswith("rotary_emb.inv_freq")]  # a buffer, not a weight
-    if left:
-        raise ConfigError(f"tensor {left[0]} has no place in a Mixtral model ({len(left)} unused)")
     for a in arrays.values():
         a.flush()
     return params
@@ -407,7 +533,9 @@ def export_hf(
 ) -> list[Path]:
     """Writes a Mixtral-format directory (config.json + safetensors) that transformers loads.
 
-    One of our parameters is held in memory at a time. Returns the files written.
+    One of our parameters is held in memory at a time. out must be new (or an empty
+    directory); it is written under a temporary name beside it and renamed when complete.
+    Returns the files written.
     """
     from sparsemodel.checkpoint import Checkpointer, CheckpointError
 
@@ -416,12 +544,12 @@ def export_hf(
         raise ConfigError(f"--workdir {workdir}: no config.yaml (not a sparsemodel workdir)")
     cfg = config_lib.load(workdir / "config.yaml")
     source = workdir / "hf_config.json"
-    hf_cfg = config_to_hf(cfg, json.loads(source.read_text()) if source.is_file() else None)
+    hf_cfg = config_to_hf(cfg, _read_json_object(source) if source.is_file() else None)
+    _refuse_existing(out, f"output {out}")
     ckpt = Checkpointer(workdir, async_save=False)
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise CheckpointError(f"--workdir {workdir}: holds no checkpoint yet")
-    out.mkdir(parents=True, exist_ok=True)
 
     todo = sorted(
         slots(cfg), key=lambda s: tuple(map(str, s.leaf))
@@ -434,40 +562,44 @@ def export_hf(
             cache[slot.leaf] = ckpt.restore_leaf(step, slot.leaf)
         return slot.to_hf(cache[slot.leaf][slot.index])
 
-    shapes = {s.hf: _hf_shape(s, cfg) for s in todo}
+    shapes = {s.hf: _hf_shape(s.hf, cfg) for s in todo}
     shards = list(_split(todo, shapes, max_shard_bytes))
-    written = []
-    for n, shard in enumerate(shards, 1):
-        name = (
-            "model.safetensors"
-            if len(shards) == 1
-            else (f"model-{n:05d}-of-{len(shards):05d}.safetensors")
-        )
-        _write_safetensors(out / name, [(s.hf, shapes[s.hf], lambda s=s: fetch(s)) for s in shard])
-        written.append(out / name)
-    ckpt.close()
-    if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": sum(4 * math.prod(v) for v in shapes.values())},
-            "weight_map": {
-                s.hf: p.name for p, shard in zip(written, shards, strict=True) for s in shard
-            },
-        }
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-    written.append(out / "config.json")
-    if (workdir / "tokenizer.json").is_file():
-        shutil.copyfile(workdir / "tokenizer.json", out / "tokenizer.json")
-        written.append(out / "tokenizer.json")
-    return written
+    names = [
+        "model.safetensors"
+        if len(shards) == 1
+        else f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        for n in range(1, len(shards) + 1)
+    ]
+    with _built_beside(out, f"output {out}") as build:
+        try:
+            for name, shard in zip(names, shards, strict=True):
+                tensors = [(s.hf, shapes[s.hf], lambda s=s: fetch(s)) for s in shard]
+                _write_safetensors(build / name, tensors)
+        finally:
+            ckpt.close()
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(4 * math.prod(v) for v in shapes.values())},
+                "weight_map": {
+                    s.hf: name for name, shard in zip(names, shards, strict=True) for s in shard
+                },
+            }
+            (build / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            names.append("model.safetensors.index.json")
+        (build / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+        names.append("config.json")
+        if (workdir / "tokenizer.json").is_file():
+            shutil.copyfile(workdir / "tokenizer.json", build / "tokenizer.json")
+            names.append("tokenizer.json")
+    return [out / name for name in names]
 
 
-def _hf_shape(slot: Slot, cfg: Config) -> tuple[int, ...]:
-    """Shape of the HF tensor of a slot, from the config alone (headers precede data)."""
+def _hf_shape(name: str, cfg: Config) -> tuple[int, ...]:
+    """Shape of the HF tensor `name` (v4 or transformers 5's fused experts) from the config
+    alone: what export writes and what import accepts."""
     m, e = cfg.model, cfg.moe
     d, f = m.d_model, e.d_expert
     q_rows, kv_rows = m.n_heads * (d // m.n_heads), m.n_kv_heads * (d // m.n_heads)
-    name = slot.hf
     for suffix, shape in (
         ("embed_tokens.weight", (m.vocab_size, d)),
         ("lm_head.weight", (m.vocab_size, d)),
@@ -476,10 +608,12 @@ def _hf_shape(slot: Slot, cfg: Config) -> tuple[int, ...]:
         ("k_proj.weight", (kv_rows, d)),
         ("v_proj.weight", (kv_rows, d)),
         ("o_proj.weight", (d, q_rows)),
-        ("gate.weight", (e.num_experts, d)),
+        ("gate.weight", (e.num_experts, d)),  # block_sparse_moe. or mlp.
         ("w1.weight", (f, d)),
         ("w3.weight", (f, d)),
         ("w2.weight", (d, f)),
+        ("experts.gate_up_proj", (e.num_experts, 2 * f, d)),  # w1 rows then w3 rows
+        ("experts.down_proj", (e.num_experts, d, f)),
     ):
         if name.endswith(suffix):
             return shape
@@ -515,11 +649,9 @@ def _write_safetensors(path: Path, tensors: list[tuple[str, tuple, Callable]]) -
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("wb") as f:
+    with path.open("wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for name, shape, fetch in tensors:
             value = np.ascontiguousarray(fetch(), dtype="<f4")
             assert value.shape == tuple(shape), (name, value.shape, shape)
             f.write(value.tobytes())
-    tmp.replace(path)

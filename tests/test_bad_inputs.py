@@ -6,6 +6,7 @@ The table reads as documentation: the command line, then the exact line it print
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,37 @@ BAD = [
         "moe.num_experts: 8 differs "
         "from the checkpointed model's 4 (use a new --workdir, or the workdir's config.yaml)",
     ),
+    # --- Hugging Face import and export
+    (
+        "import-hf {t}/hf-notjson --workdir {t}/hf-wd",
+        "{t}/hf-notjson/config.json: not valid JSON "
+        "(Expecting property name enclosed in double quotes: line 1 column 2 (char 1))",
+    ),
+    (
+        "import-hf {t}/hf-list --workdir {t}/hf-wd",
+        "{t}/hf-list/config.json: expected a JSON object, got list",
+    ),
+    (
+        "import-hf {t}/hf-nokey --workdir {t}/hf-wd",
+        "{t}/hf-nokey/config.json: missing key vocab_size",
+    ),
+    (
+        "import-hf {t}/hf-badtype --workdir {t}/hf-wd",
+        "{t}/hf-badtype/config.json: hidden_size: expected a positive integer, got '64'",
+    ),
+    (
+        "import-hf {t}/hf-zeroheads --workdir {t}/hf-wd",
+        "{t}/hf-zeroheads/config.json: num_attention_heads: expected a positive integer, got 0",
+    ),
+    ("export-hf {t}/a-file --workdir {w}", "output {t}/a-file: exists and is not a directory"),
+    (
+        "export-hf {w} --workdir {w}",
+        "output {w}: already holds checkpoints (use a new directory)",
+    ),
+    (
+        "export-hf /proc/sparsemodel-test --workdir {w}",
+        "output /proc/sparsemodel-test: not writable (No such file or directory)",
+    ),
     # --- generate, profile, multi-process flags
     ("generate --workdir {w} --prompt=", "--prompt: must not be empty"),
     (
@@ -221,6 +253,18 @@ def dirs(tmp_path_factory):
     (t / "badtok").mkdir()
     (t / "badtok" / "tokenizer.json").write_text("not json")
     np.save(t / "big.npy", np.full(5000, 999, np.int32))
+    mixtral = {"model_type": "mixtral", "hidden_size": 64, "num_hidden_layers": 2}
+    mixtral |= {"num_attention_heads": 4, "intermediate_size": 96}  # no vocab_size
+    hf_configs = {
+        "hf-notjson": "{not json",
+        "hf-list": "[1]",
+        "hf-nokey": json.dumps(mixtral),
+        "hf-badtype": json.dumps(mixtral | {"vocab_size": 256, "hidden_size": "64"}),
+        "hf-zeroheads": json.dumps(mixtral | {"vocab_size": 256, "num_attention_heads": 0}),
+    }
+    for name, text in hf_configs.items():
+        (t / name).mkdir()
+        (t / name / "config.json").write_text(text)
     w = t / "trained"
     train.run(
         config.load("tiny", {"train.steps": 2, "train.eval_every": 100}), w, log=lambda s: None

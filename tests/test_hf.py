@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from sparsemodel import cli, config, evaluate, hf, params, sharding  # noqa: E402
-from sparsemodel.checkpoint import Checkpointer  # noqa: E402
+from sparsemodel.checkpoint import Checkpointer, CheckpointError  # noqa: E402
 
 TINY = dict(
     vocab_size=256,
@@ -170,6 +170,163 @@ def test_import_refuses_a_tensor_with_no_place_in_mixtral(tmp_path, capsys):
     assert not (tmp_path / "wd" / "config.yaml").exists()
 
 
+def refusal(argv: list[str], capsys) -> str:
+    """The message of a command refused as it must be: exit 2, one `sparsemodel: error:` line."""
+    capsys.readouterr()  # what came before, e.g. save_pretrained's progress bar
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sparsemodel: error: "), err
+    return err.removeprefix("sparsemodel: error: ").rstrip("\n")
+
+
+def save_tiny(src, fused: bool) -> None:
+    """A tiny random Mixtral in src/model.safetensors: transformers 5's in-memory names
+    (fused experts) or the v4 names save_pretrained writes."""
+    from safetensors.torch import save_file
+
+    model = tiny_mixtral()
+    if not fused:
+        model.save_pretrained(src)
+        return
+    src.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, src / "model.safetensors")
+    (src / "config.json").write_text(model.config.to_json_string())
+
+
+def rewrite(path, name, change) -> None:
+    """Replaces tensor `name` of the safetensors file path by change(it), or drops it (None)."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(path)
+    tensor = tensors.pop(name)
+    if change is not None:
+        tensors[name] = np.ascontiguousarray(change(tensor))
+    save_file(tensors, path)
+
+
+LAYER_0, LAYER_1 = "model.layers.0.", "model.layers.1."
+
+
+@pytest.mark.parametrize(
+    "fused, name, change, message",
+    [
+        (
+            False,
+            LAYER_1 + "self_attn.k_proj.weight",
+            np.transpose,
+            "shape (64, 32) in the checkpoint, expected (32, 64) from config.json",
+        ),
+        (
+            False,
+            LAYER_0 + "block_sparse_moe.experts.2.w1.weight",
+            np.transpose,
+            "shape (64, 96) in the checkpoint, expected (96, 64) from config.json",
+        ),
+        (
+            False,
+            LAYER_0 + "block_sparse_moe.experts.3.w2.weight",
+            np.transpose,
+            "shape (96, 64) in the checkpoint, expected (64, 96) from config.json",
+        ),
+        (
+            True,
+            LAYER_1 + "mlp.experts.gate_up_proj",
+            lambda w: w.transpose(0, 2, 1),
+            "shape (4, 64, 192) in the checkpoint, expected (4, 192, 64) from config.json",
+        ),
+        (
+            True,
+            LAYER_0 + "mlp.experts.down_proj",
+            lambda w: w.transpose(0, 2, 1),
+            "shape (4, 96, 64) in the checkpoint, expected (4, 64, 96) from config.json",
+        ),
+        (
+            False,
+            "model.embed_tokens.weight",
+            lambda w: np.concatenate([w, w[:44]]),
+            "shape (300, 64) in the checkpoint, expected (256, 64) from config.json",
+        ),
+        (
+            True,
+            LAYER_0 + "mlp.gate.weight",
+            lambda w: w[:3],
+            "shape (3, 64) in the checkpoint, expected (4, 64) from config.json",
+        ),
+        (
+            False,
+            "model.norm.weight",
+            lambda w: w.astype(np.int32),
+            "dtype I32, expected a float (F16, BF16, F32, F64)",
+        ),
+    ],
+)
+def test_import_refuses_a_tensor_of_the_wrong_layout_shape_or_dtype(
+    tmp_path, capsys, fused, name, change, message
+):
+    """A transposed non-square projection has the right size: only its raw shape shows it."""
+    save_tiny(tmp_path / "hf", fused)
+    rewrite(tmp_path / "hf" / "model.safetensors", name, change)
+    argv = ["import-hf", str(tmp_path / "hf"), "--workdir", str(tmp_path / "wd")]
+    assert refusal(argv, capsys) == f"tensor {name}: {message}"
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "hf"]  # no workdir, no temporary one
+
+
+def test_import_refuses_a_missing_tensor_before_writing_anything(tmp_path, capsys):
+    save_tiny(tmp_path / "hf", fused=False)
+    name = LAYER_1 + "block_sparse_moe.experts.0.w3.weight"
+    rewrite(tmp_path / "hf" / "model.safetensors", name, None)
+    argv = ["import-hf", str(tmp_path / "hf"), "--workdir", str(tmp_path / "wd")]
+    fused = LAYER_1 + "mlp.experts.gate_up_proj"
+    assert refusal(argv, capsys) == f"checkpoint has no tensor {name} (nor {fused})"
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "hf"]
+
+
+def test_import_refuses_a_missing_or_truncated_shard_in_one_line(tmp_path, capsys):
+    src = tmp_path / "hf"
+    tiny_mixtral().save_pretrained(src, max_shard_size="200KB")
+    index = src / "model.safetensors.index.json"
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    argv = ["import-hf", str(src), "--workdir", str(tmp_path / "wd")]
+
+    truncated = src / shards[0]
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    assert refusal(argv, capsys).startswith(f"{truncated}: not a readable safetensors file (")
+
+    (src / shards[1]).unlink()
+    assert refusal(argv, capsys) == (
+        f"{index}: names {shards[1]}, which is not a file in {src} "
+        f"(1 of {len(shards)} files missing)"
+    )
+    assert sorted(tmp_path.iterdir()) == [src]
+
+
+def test_import_fills_an_empty_directory_but_never_one_with_files(tmp_path, capsys):
+    save_tiny(tmp_path / "hf", fused=False)
+    (tmp_path / "empty").mkdir()
+    import_hf(tmp_path / "hf", tmp_path / "empty")
+    assert (tmp_path / "empty" / "config.yaml").is_file()
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    argv = ["import-hf", str(tmp_path / "hf"), "--workdir", str(tmp_path / "notes")]
+    message = f"--workdir {tmp_path / 'notes'}: already holds files (use a new directory)"
+    assert refusal(argv, capsys) == message
+    assert [p.name for p in (tmp_path / "notes").iterdir()] == ["todo.txt"]
+
+
+def test_import_failing_midway_leaves_nothing(tmp_path, monkeypatch):
+    """E.g. a full disk while the checkpoint is written: no workdir, no temporary directory."""
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    save_tiny(tmp_path / "hf", fused=False)
+    monkeypatch.setattr(Checkpointer, "save_host_params", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        hf.import_hf(tmp_path / "hf", tmp_path / "wd", log=lambda s: None)
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "hf"]
+
+
 # ----------------------------------------------------------- fine-tune and export
 
 
@@ -208,21 +365,24 @@ def test_fine_tune_an_imported_model_then_export_it(tmp_path):
     np.testing.assert_allclose(hf_logits(loaded.eval(), batch), our_logits(wd, batch), atol=1e-4)
 
 
-def test_export_writes_shared_layers_once_per_layer_and_shards(tmp_path):
-    """model.share_layers: each unique block's weights appear in every layer it serves."""
-    cfg = config.load(
-        "tiny",
-        {"model.n_layers": 4, "model.share_layers": 2, "moe.block_size": 8, "model.init_std": 0.2},
-    )
-    wd = tmp_path / "wd"
+def workdir_at_init(wd, overrides=None) -> None:
+    """A workdir holding the tiny config (with overrides) and its step-0 parameters."""
+    cfg = config.load("tiny", overrides)
     wd.mkdir()
     config.dump(cfg, wd / "config.yaml")
-    mesh = sharding.make_mesh(cfg.mesh)
-    _, state = params.init_params(cfg, mesh, seed=0)
+    _, state = params.init_params(cfg, sharding.make_mesh(cfg.mesh), seed=0)
     ckpt = Checkpointer(wd, async_save=False)
     ckpt.save(0, state, None, {"step": 0})
     ckpt.close()
 
+
+def test_export_writes_shared_layers_once_per_layer_and_shards(tmp_path):
+    """model.share_layers: each unique block's weights appear in every layer it serves."""
+    wd = tmp_path / "wd"
+    workdir_at_init(
+        wd,
+        {"model.n_layers": 4, "model.share_layers": 2, "moe.block_size": 8, "model.init_std": 0.2},
+    )
     files = hf.export_hf(wd, tmp_path / "out", max_shard_bytes=200_000)
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
     assert sum(f.suffix == ".safetensors" for f in files) > 1
@@ -257,3 +417,23 @@ def test_export_refuses_what_mixtral_cannot_express(tmp_path, capsys, overrides,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Mixtral cannot express" in err and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_export_failing_midway_leaves_nothing(tmp_path, monkeypatch):
+    """A parameter that cannot be read after some shards are written: no output directory
+    that looks complete, no temporary one."""
+    wd = tmp_path / "wd"
+    workdir_at_init(wd)
+    restore_leaf, calls = Checkpointer.restore_leaf, []
+
+    def damaged_third_leaf(self, step, path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise CheckpointError(f"checkpoint step {step}: cannot read {path}: damaged")
+        return restore_leaf(self, step, path)
+
+    monkeypatch.setattr(Checkpointer, "restore_leaf", damaged_third_leaf)
+    with pytest.raises(CheckpointError, match="damaged"):
+        hf.export_hf(wd, tmp_path / "out", max_shard_bytes=20_000)
+    assert len(calls) == 3
+    assert sorted(tmp_path.iterdir()) == [wd]
