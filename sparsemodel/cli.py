@@ -126,6 +126,8 @@ class _UsageError(ValueError):
 def _train(args) -> int:
     from sparsemodel import config, train
 
+    if args.stop_after is not None and args.stop_after < 1:
+        raise _UsageError(f"--stop-after: must be >= 1, got {args.stop_after}")
     overrides = config.parse_overrides(args.overrides)
     name = args.config
     workdir = Path(args.workdir) if args.workdir else None
@@ -153,6 +155,8 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from sparsemodel import evaluate
 
+    if args.max_tokens < 0:
+        raise _UsageError(f"--max-tokens: must be >= 0 (0 = all), got {args.max_tokens}")
     _init_distributed(args)
     r = evaluate.restore(args.workdir, args.step)
     res = evaluate.evaluate(r, args.data, max_tokens=args.max_tokens or None)
@@ -169,8 +173,9 @@ def _eval(args) -> int:
 def _generate(args) -> int:
     from sparsemodel import evaluate
 
-    if not args.prompt:
-        raise _UsageError("--prompt: must not be empty")
+    evaluate.check_sampling_args(
+        args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed
+    )
     r = evaluate.restore(args.workdir, args.step)
     text = evaluate.generate(
         r, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed
@@ -185,6 +190,10 @@ def _profile(args) -> int:
     overrides = config.parse_overrides(args.overrides)
     if args.steps < 1:
         raise _UsageError(f"--steps: must be >= 1, got {args.steps}")
+    if args.trace:
+        _check_writable_dir("--trace", Path(args.trace), Path(args.trace))
+    if args.plot:
+        _check_writable_file("--plot", Path(args.plot))
     param_state = None
     if args.workdir:
         if args.config:
@@ -208,6 +217,26 @@ def _profile(args) -> int:
     )
     print(json.dumps(report) if args.json else profile.format_report(report))
     return 0
+
+
+def _check_writable_dir(flag: str, given: Path, directory: Path) -> None:
+    """Creates `directory` and writes a file into it, or raises naming the flag's value."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        # mkdir(exist_ok=True) of an existing regular file raises FileExistsError
+        reason = "Not a directory" if isinstance(e, FileExistsError) else e.strerror
+        raise _UsageError(f"{flag} {given}: not writable ({reason})") from None
+
+
+def _check_writable_file(flag: str, path: Path) -> None:
+    """A file can be written at `path` later (its directory is created now)."""
+    if path.is_dir():
+        raise _UsageError(f"{flag} {path}: is a directory")
+    _check_writable_dir(flag, path, path.parent)
 
 
 def _import_hf(args) -> int:

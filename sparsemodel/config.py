@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import math
 import re
+import reprlib
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -29,7 +30,25 @@ class ConfigError(ValueError):
 
 class _Loader(yaml.SafeLoader):
     """Safe YAML (no Python object tags) that also reads `1e-3` as a float, as YAML 1.2 and
-    TOML do (PyYAML's YAML 1.1 resolver would return the string '1e-3')."""
+    TOML do (PyYAML's YAML 1.1 resolver would return the string '1e-3'), and refuses a key
+    given twice in one mapping, as YAML 1.2 and TOML do (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` then a key of base overrides it, as YAML intends
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                continue  # an unhashable key: the base class refuses it below
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"duplicate key {bounded(key)} at line {key_node.start_mark.line + 1}"
+                )
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -41,6 +60,29 @@ _Loader.add_implicit_resolver(
 
 def _yaml(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+# A few aliases expand to billions of elements ("billion laughs"): repr() of the whole value
+# would never finish, so messages show a few elements of a few levels.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 2, 4, 4, 4
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 40, 40, 40
+
+
+def bounded(value: Any) -> str:
+    """repr() of a value, cut to a few dozen characters however large the value is."""
+    return _REPR.repr(value)
+
+
+def _bounded_name(name: Any) -> str:
+    """A key as written, cut like `bounded` when long."""
+    text = str(name)
+    return text if len(text) <= 40 else bounded(text)
+
+
+# JAX's 32-bit keys keep the low 32 bits of a seed (2**32 samples like 0, -1 like 2**32-1)
+# and grain's shuffle refuses seeds outside [0, 2**32): seeds outside it would repeat others.
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -169,7 +211,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--set {pair!r}: expected key=value, e.g. moe.top_k=2")
+            raise ConfigError(f"--set {bounded(pair)}: expected key=value, e.g. moe.top_k=2")
         out[key.strip()] = value
     return out
 
@@ -182,13 +224,15 @@ def read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: cannot read ({e})") from None
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else _yaml(text)
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: TOML's, and over-long integers
         reason = str(e).splitlines()[0]
         raise ConfigError(f"config file {path}: not valid YAML/TOML ({reason})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of sections, got {data!r:.60}")
+        raise ConfigError(
+            f"config file {path}: expected a mapping of sections, got {bounded(data)}"
+        )
     return data
 
 
@@ -200,8 +244,10 @@ def dump(cfg: Config, path: Path) -> None:
 def _resolve(name_or_path: str | Path) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml", ".toml") or path.exists():
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"--config {name_or_path}: no such file")
+        if not path.is_file():  # a FIFO or device would block or never end
+            raise ConfigError(f"--config {name_or_path}: not a regular file")
         return path
     preset = PRESET_DIR / f"{name_or_path}.yaml"
     if not preset.is_file():
@@ -226,10 +272,12 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
     for section, values in update.items():
         if not isinstance(values, dict):
-            raise ConfigError(f"{section}: expected a section (mapping), got {values!r:.60}")
+            raise ConfigError(
+                f"{_bounded_name(section)}: expected a section (mapping), got {bounded(values)}"
+            )
         out.setdefault(section, {})
         if not isinstance(out[section], dict):
-            raise ConfigError(f"{section}: expected a section (mapping)")
+            raise ConfigError(f"{_bounded_name(section)}: expected a section (mapping)")
         out[section].update(values)
     return out
 
@@ -244,11 +292,14 @@ def from_dict(data: dict[str, Any]) -> Config:
         cls = f.type if isinstance(f.type, type) else _SECTIONS[f.name]
         values = data.get(f.name) or {}
         if not isinstance(values, dict):
-            raise ConfigError(f"{f.name}: expected a section (mapping), got {values!r:.60}")
+            raise ConfigError(f"{f.name}: expected a section (mapping), got {bounded(values)}")
         sections[f.name] = _build_section(f.name, cls, values)
     unknown = set(data) - set(sections)
     if unknown:
-        raise ConfigError(f"{sorted(unknown)[0]}: unknown config section ({', '.join(_SECTIONS)})")
+        first = sorted(map(str, unknown))[0]
+        raise ConfigError(
+            f"{_bounded_name(first)}: unknown config section ({', '.join(_SECTIONS)})"
+        )
     cfg = Config(**sections)
     validate(cfg)
     return cfg
@@ -268,7 +319,7 @@ def _build_section(section: str, cls: type, values: dict[str, Any]):
     kwargs = {}
     for name, value in values.items():
         if name not in hints:
-            raise ConfigError(f"{section}.{name}: unknown key")
+            raise ConfigError(f"{section}.{_bounded_name(name)}: unknown key")
         kwargs[name] = _coerce(f"{section}.{name}", value, hints[name])
     return cls(**kwargs)
 
@@ -276,30 +327,36 @@ def _build_section(section: str, cls: type, values: dict[str, Any]):
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Checks (and for command-line strings, parses) one value against its declared type."""
     if isinstance(value, str) and hint is not str and typing.get_origin(hint) is not Literal:
-        with contextlib.suppress(yaml.YAMLError):
+        with contextlib.suppress(yaml.YAMLError, ValueError):
             value = _yaml(value)
     if typing.get_origin(hint) is Literal:
         allowed = typing.get_args(hint)
         if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+            raise ConfigError(
+                f"{key}: {bounded(value)} is not one of {', '.join(map(str, allowed))}"
+            )
         return value
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {bounded(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {bounded(value)}")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{key}: expected a number, got {bounded(value)}")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond the float range
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {bounded(value)}")
+        return number
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {bounded(value)}")
         return value
     raise TypeError(f"{key}: unsupported field type {hint}")
 
@@ -395,6 +452,7 @@ def validate(cfg: Config) -> None:
     _need(t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
     _need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
     _need(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    _need(0 <= t.seed <= MAX_SEED, "train.seed", f"must be in [0, 2**32 - 1], got {t.seed}")
     _need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     _need(0 <= t.beta1 < 1, "train.beta1", "must be in [0, 1)")
     _need(0 <= t.beta2 < 1, "train.beta2", "must be in [0, 1)")

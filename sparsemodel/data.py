@@ -5,7 +5,8 @@ Sources (`data.source`):
                in every Python install, so nothing is downloaded)
   a directory  every regular file under it (bytes: any encoding works)
   a text file  any file; the last `data.val_fraction` of it is the validation split
-  .npy / .bin  a pre-tokenized array (.bin: raw uint16, the nanoGPT convention)
+  .npy / .bin  a pre-tokenized array (.bin: raw uint16, the nanoGPT convention), memory-
+               mapped, so it may be larger than the memory
 
 Directories (and stdlib) split train/validation by a hash of each file's relative path, so
 the split is the same on every machine and does not move when files are added.
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import grain
 import numpy as np
+
+from sparsemodel import hardware
 
 
 class DataError(ValueError):
@@ -55,6 +58,7 @@ def _load_corpus(source: str, val_fraction: float) -> Corpus:
     if source == "stdlib":
         root = stdlib_root()
         files = [p for p in root.rglob("*.py") if "site-packages" not in p.parts]
+        check_text_fits(files, source)
         train, val = _split_files(root, files, val_fraction)
         return Corpus(train, val, f"stdlib .py files of {root} ({len(files)} files)")
     path = Path(source).expanduser()
@@ -68,31 +72,38 @@ def _load_corpus(source: str, val_fraction: float) -> Corpus:
         ]
         if not files:
             raise DataError(f"data.source: directory {source} holds no files")
+        check_text_fits(files, source)
         train, val = _split_files(path, files, val_fraction)
         if len(train) + len(val) == 0:
             raise DataError(f"data.source: directory {source} holds only empty files")
         if len(val) == 0 or len(train) == 0:  # too few files for a split by file: split bytes
             train, val = _split_tail(np.concatenate([train, val]), val_fraction)
         return Corpus(train, val, f"{source} ({len(files)} files)")
+    if not path.is_file():  # /dev/zero would be read forever, a FIFO wait for a writer
+        raise DataError(f"data.source: {source} is not a regular file")
     tokens = read_tokens(path)
     train, val = _split_tail(tokens, val_fraction)
     return Corpus(train, val, f"{source}", pretokenized=path.suffix in (".npy", ".bin"))
 
 
 def read_tokens(path: Path) -> np.ndarray:
-    """One file as token ids: .npy / .bin arrays as stored, anything else as bytes."""
+    """One regular file as token ids: .npy / .bin arrays as stored (memory-mapped), anything
+    else as bytes."""
     try:
         if path.suffix == ".npy":
-            tokens = np.load(path, allow_pickle=False).reshape(-1)
+            tokens = np.load(path, mmap_mode="r", allow_pickle=False).reshape(-1)
             if not np.issubdtype(tokens.dtype, np.integer):
                 raise DataError(f"data.source: {path} holds {tokens.dtype}, not integer tokens")
         elif path.suffix == ".bin":
-            if path.stat().st_size % 2:
+            size = path.stat().st_size
+            if size % 2:
                 raise DataError(
                     f"data.source: {path} has an odd number of bytes; .bin files hold uint16 tokens"
                 )
-            tokens = np.fromfile(path, dtype=np.uint16)
+            # np.memmap cannot map an empty file
+            tokens = np.memmap(path, np.uint16, "r") if size else np.zeros(0, np.uint16)
         else:
+            check_text_fits([path], str(path))
             tokens = np.frombuffer(path.read_bytes(), dtype=np.uint8)
     except (OSError, ValueError) as e:
         if isinstance(e, DataError):
@@ -101,6 +112,25 @@ def read_tokens(path: Path) -> np.ndarray:
     if tokens.size == 0:
         raise DataError(f"data.source: {path} is empty")
     return tokens
+
+
+# Text is read into memory twice (the files, then their concatenation), and BPE encoding
+# then holds two more copies of the bytes (one whole, one in chunks) and the ids as int64
+# (8 bytes a token, a few tokens per 10 bytes of English): a quarter of the available memory
+# leaves room for that. Text that BPE barely compresses can still need more.
+TEXT_MEMORY_SHARE = 0.25
+
+
+def check_text_fits(files: list[Path], source: str) -> None:
+    """Refuses text whose total size exceeds TEXT_MEMORY_SHARE of the available memory."""
+    n_bytes = sum(p.stat().st_size for p in files)
+    available = hardware.host_memory_available()
+    if available is not None and n_bytes > TEXT_MEMORY_SHARE * available:
+        raise DataError(
+            f"data.source: {source} holds {hardware.format_bytes(n_bytes)} of text, more than "
+            f"{TEXT_MEMORY_SHARE:.0%} of the {hardware.format_bytes(available)} of memory "
+            "available (pre-tokenized .npy/.bin files are memory-mapped instead)"
+        )
 
 
 def _split_files(root: Path, files: list[Path], val_fraction: float):
@@ -200,12 +230,18 @@ def num_windows(tokens: np.ndarray, seq_len: int) -> int:
     return max(0, (len(tokens) - 1) // seq_len)
 
 
-def check_vocab(tokens: np.ndarray, vocab_size: int, source: str) -> None:
-    top = int(tokens.max()) if tokens.size else 0
-    if top >= vocab_size:
-        raise DataError(
-            f"data.source: {source} holds token id {top}, outside model.vocab_size={vocab_size}"
-        )
+def check_token_ids(source: str, vocab_size: int, *token_arrays: np.ndarray) -> None:
+    """Refuses ids outside [0, vocab_size): a large one indexes past the embedding (NaN
+    loss), a negative one wraps around to another row (a plausible, wrong loss)."""
+    for tokens in token_arrays:
+        if tokens.size == 0:
+            continue
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= vocab_size:
+            raise DataError(
+                f"data.source: {source} holds token id {low if low < 0 else high}, "
+                f"outside model.vocab_size={vocab_size}"
+            )
 
 
 def check_length(tokens: np.ndarray, seq_len: int, need: int, split: str, source: str) -> None:

@@ -20,7 +20,7 @@ from flax import nnx
 
 from sparsemodel import config as config_lib
 from sparsemodel import data as data_lib
-from sparsemodel import sharding
+from sparsemodel import hardware, sharding
 from sparsemodel import tokenizer as tokenizer_lib
 from sparsemodel.checkpoint import Checkpointer, CheckpointError
 from sparsemodel.config import Config, ConfigError, MeshConfig
@@ -98,6 +98,7 @@ def evaluate(
         name = f"{r.cfg.data.source} (validation split)"
     else:
         tokens, name = _all_tokens(source, tok, r.workdir), source
+    data_lib.check_token_ids(name, r.cfg.model.vocab_size, tokens)
     div = sharding.batch_divisor(r.mesh)
     batch = batch_size or max(div, t.batch_size // div * div)
     seq = min(t.seq_len, len(tokens) - 1)
@@ -161,23 +162,62 @@ def generate(
     seed: int = 0,
 ) -> str:
     """Samples a continuation of `prompt` with a KV cache; temperature 0 is greedy."""
+    check_sampling_args(prompt, max_new_tokens, temperature, top_k, seed)
+    vocab_size = r.cfg.model.vocab_size
+    if top_k > vocab_size:
+        raise ConfigError(f"--top-k: {top_k} exceeds model.vocab_size={vocab_size}")
+    tok = r.tokenizer()
+    ids = tok.encode_prompt(prompt)[None, :]  # [1, P]
+    if ids.size == 0:
+        raise ConfigError(f"--prompt: {config_lib.bounded(prompt)} encodes to no tokens")
+    lm = r.model()
+    _check_cache_fits(lm, ids.shape[1], max_new_tokens)
+    with jax.set_mesh(r.mesh):
+        out = sample(lm, jnp.asarray(ids), max_new_tokens, temperature, top_k, jax.random.key(seed))
+    return tok.decode(np.asarray(out[0]))
+
+
+def check_sampling_args(
+    prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int
+) -> None:
+    """The checks of generate's arguments that need no model (run before restoring one)."""
     if not prompt:
         raise ConfigError("--prompt: must not be empty")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # argv bytes that are not UTF-8 arrive as surrogates
+        raise ConfigError(f"--prompt: not valid UTF-8 (at character {e.start})") from None
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
+    if not math.isfinite(temperature):
+        raise ConfigError(f"--temperature: must be finite, got {temperature}")
     if temperature < 0:
         raise ConfigError(f"--temperature: must be >= 0, got {temperature}")
     if top_k < 0:
         raise ConfigError(f"--top-k: must be >= 0 (0 = no limit), got {top_k}")
-    tok = r.tokenizer()
-    ids = tok.encode_prompt(prompt)[None, :]  # [1, P]
-    if ids.size == 0:
-        raise ConfigError(f"--prompt: {prompt!r} encodes to no tokens")
-    with jax.set_mesh(r.mesh):
-        out = sample(
-            r.model(), jnp.asarray(ids), max_new_tokens, temperature, top_k, jax.random.key(seed)
+    if not 0 <= seed <= config_lib.MAX_SEED:
+        raise ConfigError(f"--seed: must be in [0, 2**32 - 1], got {seed}")
+
+
+def kv_cache_bytes(lm, length: int) -> int:
+    """Bytes of a batch-1 KV cache of `length` positions (it grows linearly with length)."""
+    one_position = jax.eval_shape(lambda: lm.init_cache(1, 1))
+    return length * sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(one_position))
+
+
+def _check_cache_fits(lm, n_prompt: int, n_new: int) -> None:
+    """Refuses a prompt + continuation whose KV cache alone exceeds the free memory."""
+    available = hardware.device_memory_available()
+    if available is None:
+        return
+    free, what = available
+    need = kv_cache_bytes(lm, n_prompt + n_new)
+    if need > free:
+        raise ConfigError(
+            f"--max-new-tokens: {n_prompt} prompt + {n_new} new tokens need a "
+            f"{hardware.format_bytes(need)} KV cache, more than the "
+            f"{hardware.format_bytes(free)} of {what}"
         )
-    return tok.decode(np.asarray(out[0]))
 
 
 @partial(jax.jit, static_argnames=("max_new", "top_k"))

@@ -1,39 +1,74 @@
-"""Peak FLOP/s of the device, for MFU: a table for accelerators, a measurement on CPU."""
+"""What the machine offers: peak FLOP/s of the device (a table for accelerators, a
+measurement on CPU, for MFU) and the memory available to what a command is about to hold."""
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-# Dense bf16 peak per chip from vendor data sheets (no sparsity), by device_kind substring.
-# The first match wins, so more specific names come first.
-PEAK_FLOPS = (
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("L4", 121e12),
-    ("TPU v6", 918e12),  # Trillium / v6e
-    ("TPU v5 lite", 197e12),  # v5e
-    ("TPU v5e", 197e12),
-    ("TPU v5", 459e12),  # v5p
-    ("TPU v4", 275e12),
-)
+# Dense bf16 peak per chip from vendor data sheets (no sparsity), by device_kind words.
+PEAK_FLOPS = {
+    "B200": 2250e12,
+    "H200 NVL": 835e12,
+    "H200": 989e12,  # SXM
+    "GH200": 989e12,  # its GPU is an H100-class Hopper
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,  # SXM, e.g. "NVIDIA H100 80GB HBM3"
+    "A100": 312e12,  # SXM and PCIe, e.g. "NVIDIA A100-SXM4-80GB"
+    "L40S": 362e12,
+    "L40": 181e12,
+    "L4": 121e12,
+    "TPU v6 lite": 918e12,  # Trillium / v6e
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,  # v5p
+    "TPU v4": 275e12,
+}
+
+
+def _words(text: str) -> tuple[str, ...]:
+    """'NVIDIA A100-SXM4-80GB' -> ('nvidia', 'a100', 'sxm4', '80gb')."""
+    return tuple(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def _names_most_specific_first() -> list[str]:
+    """Table names by word count, then length, descending: 'TPU v5 lite' is tried before
+    'TPU v5', 'H100 PCIe' before 'H100', whatever order the table lists them in."""
+    return sorted(PEAK_FLOPS, key=lambda name: (len(_words(name)), len(name)), reverse=True)
+
+
+def table_peak_flops(kind: str) -> tuple[float, str] | None:
+    """(dense bf16 peak, table name) of the first name whose words appear in a row in
+    `kind` (so 'L4' does not match 'NVIDIA L40S'), or None."""
+    kind_words = _words(kind)
+    for name in _names_most_specific_first():
+        words = _words(name)
+        if any(kind_words[i : i + len(words)] == words for i in range(len(kind_words))):
+            return PEAK_FLOPS[name], name
+    return None
+
+
+def peak_flops(kind: str, platform: str) -> tuple[float, str]:
+    """(peak FLOP/s of one device of this kind, where the number comes from)."""
+    found = table_peak_flops(kind)
+    if found is not None:
+        return found[0], f"table: {kind} dense bf16"
+    if platform == "cpu":
+        return measured_matmul_flops(), "measured: float32 2048^3 matmul on this CPU"
+    return float("nan"), f"unknown device kind {kind!r}"
 
 
 def peak_flops_per_device() -> tuple[float, str]:
     """(peak FLOP/s of one device, where the number comes from)."""
     device = jax.devices()[0]
-    kind = getattr(device, "device_kind", "") or ""
-    for name, peak in PEAK_FLOPS:
-        if name.lower() in kind.lower():
-            return peak, f"table: {kind} dense bf16"
-    if device.platform == "cpu":
-        return measured_matmul_flops(), "measured: float32 2048^3 matmul on this CPU"
-    return float("nan"), f"unknown device kind {kind!r}"
+    return peak_flops(getattr(device, "device_kind", "") or "", device.platform)
 
 
 def measured_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -48,3 +83,37 @@ def measured_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
         mm(a, b).block_until_ready()
         times.append(time.perf_counter() - t0)
     return 2 * n**3 / statistics.median(times)
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+def host_memory_available() -> int | None:
+    """Bytes of RAM the kernel can hand out without swapping (MemAvailable); None where
+    there is no /proc/meminfo."""
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    found = re.search(r"^MemAvailable:\s+(\d+) kB", text, re.MULTILINE)
+    return int(found.group(1)) * 1024 if found else None
+
+
+def device_memory_available() -> tuple[int, str] | None:
+    """(bytes free on the first device, what they are): the allocator's limit less what it
+    holds on an accelerator, MemAvailable on CPU; None when neither is known."""
+    stats = jax.devices()[0].memory_stats()
+    if stats and "bytes_limit" in stats:
+        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        return free, "free device memory"
+    host = host_memory_available()
+    return None if host is None else (host, "memory available")
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+    i = 0
+    while abs(n) >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.1f} {units[i]}"

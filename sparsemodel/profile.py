@@ -78,13 +78,13 @@ def profile(
     mesh = sharding.make_mesh(cfg.mesh)
     report["mesh"] = dict(mesh.shape)
     with jax.set_mesh(mesh):
+        batch = _real_batch(cfg, mesh, workdir)  # first: bad data stops before any compile
         graphdef, state = params.init_params(cfg, mesh, t.seed)
         if param_state is not None:
             state = param_state
         report["params"]["counted_from_arrays"] = params.count(state)
         tx = optim.make_optimizer(t)
         opt_state = params.init_opt_state(tx, state, mesh)
-        batch = _real_batch(cfg, mesh, workdir)
         step_fn = jax.jit(make_train_step(graphdef, cfg, tx), donate_argnums=(0, 1))
 
         if count_flops:
@@ -208,6 +208,7 @@ def _real_batch(cfg: Config, mesh, workdir: str | None):
             tokens, t.seq_len, t.batch_size, 1, jax.process_index(), jax.process_count()
         )
     )
+    data_lib.check_token_ids(cfg.data.source, cfg.model.vocab_size, batch)
     return sharding.put_batch(batch, mesh)
 
 

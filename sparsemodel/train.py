@@ -186,7 +186,7 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
     # --- data ----------------------------------------------------------------------------
     corpus = load_tokenized_corpus(cfg, workdir, log)
     data_lib.check_length(corpus.train, t.seq_len, t.batch_size, "train", cfg.data.source)
-    data_lib.check_vocab(corpus.train, cfg.model.vocab_size, cfg.data.source)
+    data_lib.check_token_ids(cfg.data.source, cfg.model.vocab_size, corpus.train, corpus.val)
     train_iter = data_lib.train_iterator(corpus.train, t.seq_len, t.batch_size, t.seed, *_process())
 
     # --- model and optimizer: created in their shardings, then restored if saved -----

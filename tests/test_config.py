@@ -6,6 +6,9 @@ does before it builds a model.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import jax
 import pytest
 
@@ -148,6 +151,8 @@ BAD_INPUTS = [
     ({"train.grad_accum": 0}, "train.grad_accum", "must be positive"),
     ({"train.seq_len": 1}, "train.seq_len", "must be >= 2"),
     ({"train.lr": 0}, "train.lr", "must be positive"),
+    ({"train.seed": -1}, "train.seed", "must be in [0, 2**32 - 1], got -1"),
+    ({"train.seed": 2**32}, "train.seed", "must be in [0, 2**32 - 1], got 4294967296"),
     ({"moe.num_experts": -1}, "moe.num_experts", "must be >= 0"),
     ({"moe.d_expert": 0}, "moe.d_expert", "must be positive"),
     ({"moe.top_k": 0}, "moe.top_k", "must be >= 1"),
@@ -189,6 +194,26 @@ def test_bad_input_names_its_key_on_one_line(overrides, key, reason):
     assert "\n" not in message
     assert message.startswith(f"{key}: "), message
     assert reason in message, message
+
+
+def test_largest_seed_is_accepted():
+    assert config.load("tiny", {"train.seed": 2**32 - 1}).train.seed == 2**32 - 1
+
+
+def test_integers_beyond_float_or_int_parsing_are_one_line(tmp_path):
+    with pytest.raises(config.ConfigError) as exc:
+        config.load("tiny", {"train.lr": 10**400})  # float() overflows
+    assert (
+        str(exc.value) == f"train.lr: expected a finite number, got {'1' + '0' * 17}...{'0' * 19}"
+    )
+    digits = "1" * 5000  # int() refuses strings of more than 4300 digits
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: {{d_model: {digits}}}\n")
+    with pytest.raises(config.ConfigError, match=r"^config file .*: not valid YAML/TOML \(Exc"):
+        config.load(path)
+    with pytest.raises(config.ConfigError) as exc:
+        config.load("tiny", {"model.d_model": digits})
+    assert str(exc.value) == f"model.d_model: expected an integer, got '{'1' * 17}...{'1' * 18}'"
 
 
 def test_config_error_is_a_value_error():
@@ -335,6 +360,84 @@ def test_file_with_bad_structure(tmp_path, text, key):
     assert str(exc.value).startswith(key), str(exc.value)
 
 
+@pytest.mark.parametrize(
+    "name, text, reason",
+    [
+        ("c.yaml", "model: {d_model: 64, d_model: 128}\n", "duplicate key 'd_model' at line 1"),
+        (
+            "c.yaml",
+            "model:\n  d_model: 64\n  n_layers: 2\n  d_model: 128\n",
+            "duplicate key 'd_model' at line 4",
+        ),
+        (
+            "c.yaml",
+            "model: {d_model: 64}\ntrain: {lr: 1e-3}\nmodel: {n_layers: 2}\n",
+            "duplicate key 'model' at line 3",
+        ),
+        (
+            "c.toml",
+            "[model]\nd_model = 64\nd_model = 128\n",
+            "Cannot overwrite a value (at line 3, column 14)",
+        ),
+        (
+            "c.toml",
+            "[model]\nd_model = 64\n[model]\nn_layers = 2\n",
+            "Cannot declare ('model',) twice (at line 3, column 7)",
+        ),
+    ],
+)
+def test_a_key_given_twice_is_refused(tmp_path, name, text, reason):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(config.ConfigError) as exc:
+        config.load(path)
+    assert str(exc.value) == f"config file {path}: not valid YAML/TOML ({reason})"
+
+
+def test_yaml_merge_key_may_be_overridden(tmp_path):
+    # `<<` merges a mapping whose keys the section may then set: not a duplicate.
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  <<: {d_model: 128, n_layers: 3}\n  d_model: 64\n")
+    assert (config.load(path).model.d_model, config.load(path).model.n_layers) == (64, 3)
+
+
+def _alias_bomb(value_line: str) -> str:
+    """YAML whose last alias expands to 9**9 strings ("billion laughs") in `value_line`."""
+    lines = ["a: &a [" + ",".join(['"x"'] * 9) + "]"]
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    return "\n".join([*lines, value_line]) + "\n"
+
+
+# reprlib's view of a nested list: 4 elements of 2 levels
+_LEVEL_2 = "[" + ", ".join(["[...]"] * 4) + ", ...]"
+_BOMB_SHOWN = "[" + ", ".join([_LEVEL_2] * 4) + ", ...]"
+
+
+@pytest.mark.parametrize(
+    "value_line, message",
+    [
+        ("model: {d_model: *i}", f"model.d_model: expected an integer, got {_BOMB_SHOWN}"),
+        ("moe: {router: *i}", f"moe.router: {_BOMB_SHOWN} is not one of topk, expert_choice"),
+        ("model: *i", f"model: expected a section (mapping), got {_BOMB_SHOWN}"),
+    ],
+    ids=["int", "choice", "section"],
+)
+def test_alias_bomb_is_parsed_fast_and_shown_short(tmp_path, value_line, message):
+    """repr() of the whole value would run for a minute and print 2 GB: in a process of its
+    own, with a deadline, so a regression fails instead of hanging the test session."""
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_alias_bomb(value_line))
+    code = (
+        "import sys\nfrom sparsemodel import config\n"
+        "try:\n    config.load(sys.argv[1])\nexcept config.ConfigError as e:\n    print(e)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=20
+    )
+    assert done.stdout.splitlines() == [message]
+
+
 @pytest.mark.parametrize("name", ["missing.yaml", "missing.toml", "missing.yml"])
 def test_missing_file(tmp_path, name):
     with pytest.raises(config.ConfigError) as exc:
@@ -399,7 +502,8 @@ def test_model_record_check_names_every_differing_key(overrides, named):
     new = config.load("tiny", overrides=overrides)
     with pytest.raises(config.ConfigError) as exc:
         config.check_model_record(record, new, "checkpoint step 2")
-    assert str(exc.value).startswith(f"checkpoint step 2 holds another model than the config: {named} (")
+    expected = f"checkpoint step 2 holds another model than the config: {named} ("
+    assert str(exc.value).startswith(expected)
 
 
 def test_model_record_check_allows_training_changes():

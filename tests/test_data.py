@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import collections
 import math
+import os
+import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from sparsemodel import data
+from sparsemodel import data, hardware
 
 VOCABULARY = """
 def return import class self for while if else elif lambda yield with as try except
@@ -198,7 +202,121 @@ def test_bin_uint16_round_trip(tmp_path):
     np.testing.assert_array_equal(corpus.val, tokens[-1000:])
 
 
+@pytest.mark.parametrize("suffix", [".npy", ".bin"])
+def test_token_files_are_memory_mapped_and_feed_the_pipeline(tmp_path, suffix):
+    tokens = np.arange(4001, dtype=np.uint16)  # window i starts with token 8 * i
+    path = tmp_path / f"mapped{suffix}"
+    np.save(path, tokens) if suffix == ".npy" else tokens.tofile(path)
+    corpus = data.load_corpus(str(path), 0.2)
+    assert isinstance(corpus.train, np.memmap) and isinstance(corpus.val, np.memmap)
+    batch = next(data.train_iterator(corpus.train, 8, 4, seed=0))  # [4, 9]
+    for row in batch:
+        assert row[0] % 8 == 0
+        np.testing.assert_array_equal(row, np.arange(row[0], row[0] + 9))
+    data.check_token_ids(str(path), 4001, corpus.train, corpus.val)
+    with pytest.raises(data.DataError) as exc:  # the largest id, 4000, is in the validation
+        data.check_token_ids(str(path), 4000, corpus.train, corpus.val)
+    assert "holds token id 4000," in one_line_data_error(exc)
+
+
 # ------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize(
+    "train, val, bad",
+    [
+        (np.array([3, -2, 300]), np.array([0, 255]), -2),  # the low end is named first
+        (np.array([0, 255]), np.array([7, 256]), 256),  # only the validation split is bad
+        (np.array([], np.int32), np.array([-1]), -1),
+    ],
+)
+def test_token_ids_outside_the_vocabulary_are_refused_in_any_split(train, val, bad):
+    data.check_token_ids("src", 256, np.array([0, 255]), np.array([], np.int64))  # in range
+    with pytest.raises(data.DataError) as exc:
+        data.check_token_ids("src", 256, train, val)
+    assert one_line_data_error(exc) == (
+        f"data.source: src holds token id {bad}, outside model.vocab_size=256"
+    )
+
+
+def _sparse_file(path: Path, size: int) -> Path:
+    """A regular file of `size` bytes that takes no disk (a hole of zeros)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        f.truncate(size)
+    return path
+
+
+TOO_BIG = (
+    "data.source: {} holds 3.0 MiB of text, more than 25% of the 8.0 MiB of memory available "
+    "(pre-tokenized .npy/.bin files are memory-mapped instead)"
+)
+
+
+def test_text_beyond_a_quarter_of_the_memory_is_refused_unread(tmp_path, monkeypatch):
+    monkeypatch.setattr(hardware, "host_memory_available", lambda: 8 * 2**20)
+    one_file = _sparse_file(tmp_path / "big.txt", 3 * 2**20)
+    directory = tmp_path / "texts"
+    _sparse_file(directory / "a.txt", 2**20)  # each file fits, together they do not
+    _sparse_file(directory / "sub" / "b.txt", 2 * 2**20)
+    for source in (str(one_file), str(directory)):
+        with pytest.raises(data.DataError) as exc:
+            data.load_corpus(source, 0.1)
+        assert one_line_data_error(exc) == TOO_BIG.format(source)
+    with pytest.raises(data.DataError) as exc:
+        data.load_corpus("stdlib", 0.0123)  # a val_fraction of its own: not cached
+    assert re.fullmatch(
+        r"data.source: stdlib holds [0-9.]+ MiB of text, more than 25% of the 8.0 MiB .*",
+        one_line_data_error(exc),
+    )
+    tokens = np.lib.format.open_memmap(tmp_path / "big.npy", "w+", np.uint16, (3 * 2**19,))
+    del tokens  # closed: a 3 MiB token file is mapped, not read, and is accepted
+    corpus = data.load_corpus(str(tmp_path / "big.npy"), 0.1)
+    assert len(corpus.train) + len(corpus.val) == 3 * 2**19
+
+
+def test_text_beyond_the_memory_of_this_machine_is_refused_unread(tmp_path):
+    available = hardware.host_memory_available()
+    if available is None:
+        pytest.skip("no /proc/meminfo")
+    page = os.sysconf("SC_PAGE_SIZE")
+    assert 0 < available <= page * os.sysconf("SC_PHYS_PAGES")
+    if available >= 2**40:
+        pytest.skip("this machine has 4 TiB available")
+    big = _sparse_file(tmp_path / "huge.txt", 2**42)
+    with pytest.raises(data.DataError) as exc:
+        data.load_corpus(str(big), 0.1)
+    assert re.fullmatch(
+        rf"data.source: {re.escape(str(big))} holds 4.0 TiB of text, more than 25% of the "
+        r"[0-9.]+ [KMGT]iB of memory available \(.*\)",
+        one_line_data_error(exc),
+    )
+
+
+def test_sources_that_are_not_regular_files_are_refused_unread(tmp_path):
+    """/dev/zero never ends and a FIFO blocks until a writer comes: read in a process of its
+    own, with a memory cap and a deadline, so a regression fails instead of hanging or
+    filling the machine's memory."""
+    fifo = tmp_path / "fifo.txt"
+    os.mkfifo(fifo)
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))\n"
+        "from sparsemodel import data\n"
+        "for source in sys.argv[1:]:\n"
+        "    try:\n        data.load_corpus(source, 0.1)\n"
+        "    except data.DataError as e:\n        print(e)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, "/dev/zero", str(fifo)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout.splitlines() == [
+        "data.source: /dev/zero is not a regular file",
+        f"data.source: {fifo} is not a regular file",
+    ], done.stderr[-2000:]
 
 
 def test_missing_source(tmp_path):

@@ -1,12 +1,15 @@
-"""Parameter and FLOP accounting against hand-computed numbers and XLA's own count."""
+"""Parameter and FLOP accounting against hand-computed numbers and XLA's own count, and the
+peak FLOP/s that MFU divides by."""
 
 from __future__ import annotations
 
 import json
+import math
 
+import jax
 import pytest
 
-from sparsemodel import cli, config, flops, profile
+from sparsemodel import cli, config, flops, hardware, profile
 from sparsemodel.train import make_train_step
 from sparsemodel.unroll import unrolling
 
@@ -130,3 +133,47 @@ def test_abstract_gpt4_scale_profile_without_allocating(capsys):
     # Experts split 16 x 8 x 8 ways, everything else at least 8 x 8 ways (fsdp x tensor).
     assert per_device < 4 * r["params"]["total"] / 64
     assert r["params"]["active_per_token"] < r["params"]["total"] / 5
+
+
+# device_kind strings as JAX reports them -> dense bf16 peak of one chip (vendor data sheets)
+REAL_KINDS = [
+    ("NVIDIA H100 80GB HBM3", 989e12),
+    ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12),
+    ("NVIDIA H200 NVL", 835e12),
+    ("NVIDIA GH200 480GB", 989e12),
+    ("NVIDIA B200", 2250e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA A100 80GB PCIe", 312e12),
+    ("NVIDIA L4", 121e12),
+    ("NVIDIA L40", 181e12),
+    ("NVIDIA L40S", 362e12),
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),
+    ("TPU v6 lite", 918e12),
+]
+
+
+@pytest.mark.parametrize("kind, peak", REAL_KINDS, ids=[k for k, _ in REAL_KINDS])
+@pytest.mark.parametrize("order", ["as listed", "reversed"])
+def test_peak_flops_by_whole_words_most_specific_first(kind, peak, order, monkeypatch):
+    if order == "reversed":  # the match must not depend on the order the table lists names
+        monkeypatch.setattr(hardware, "PEAK_FLOPS", dict(reversed(hardware.PEAK_FLOPS.items())))
+    assert hardware.peak_flops(kind, "gpu") == (peak, f"table: {kind} dense bf16")
+
+
+@pytest.mark.parametrize("kind", ["NVIDIA Z9000", "NVIDIA L4000", "TPU v55", "NVIDIA H1000"])
+def test_unknown_device_kind_has_no_peak_and_says_its_name(kind):
+    peak, source = hardware.peak_flops(kind, "gpu")
+    assert math.isnan(peak)
+    assert source == f"unknown device kind {kind!r}"
+
+
+def test_device_memory_on_cpu_is_the_memory_available(monkeypatch):
+    if jax.devices()[0].platform != "cpu":
+        pytest.skip("accelerators report their allocator's limit")
+    monkeypatch.setattr(hardware, "host_memory_available", lambda: 123 * 2**20)
+    assert hardware.device_memory_available() == (123 * 2**20, "memory available")
