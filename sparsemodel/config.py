@@ -69,6 +69,11 @@ class MoEConfig:
     grouped_matmul: Literal["auto", "blocks", "batched", "ragged_dot"] = "auto"
     block_size: int = 128  # largest CPU block (smallest: dispatch.small_block); GPU: every block
     capacity_factor: float = 1.25
+    # Capacity dispatch's group: "sequence" gives each sequence C = ceil(k * train.seq_len / E
+    # * capacity_factor) slots per expert, filled in position order (causal, independent of
+    # the batch); "batch" shares ceil(k * T / E * capacity_factor) among the T tokens of a
+    # device group, token-major (a workdir written before this key existed runs "batch").
+    capacity_group: Literal["sequence", "batch"] = "sequence"
     renormalize: bool = True  # renormalise top-k weights to sum 1 (k > 1 only)
     jitter: float = 0.0  # multiplicative router-input noise U(1-eps, 1+eps) in training
     lb_coef: float = 0.01

@@ -23,6 +23,7 @@ def test_preset_loads(name):
     cfg = config.load(name)
     assert isinstance(cfg, config.Config)
     assert name in config.preset_names()
+    assert cfg.moe.capacity_group == "sequence"  # new runs: causal, batch-independent capacity
 
 
 @pytest.mark.parametrize("moe, dense", [("small", "small-dense"), ("gpu-1b", "gpu-1b-dense")])
@@ -367,6 +368,7 @@ def test_dump_round_trips_non_default_choices(tmp_path):
         overrides={
             "moe.router": "expert_choice",
             "moe.dispatch": "capacity",
+            "moe.capacity_group": "batch",
             "train.dtype": "bfloat16",
             "model.tie_embeddings": True,
             "data.source": "true",  # a string that YAML would read as a bool if unquoted
