@@ -162,6 +162,26 @@ def load(name_or_path: str | Path = "small", overrides: dict[str, Any] | None = 
     return from_dict(data)
 
 
+# Keys added after workdirs were first written, with the value that reproduces what a
+# config.yaml without them ran: a resumed, evaluated or exported run does not change.
+LEGACY_VALUES = {"moe.capacity_group": "batch"}
+
+
+def load_stored(path: Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Loads a workdir's config.yaml (then overrides); keys its file lacks because it was
+    written before they existed take their LEGACY_VALUES."""
+    data = read_file(path)
+    missing = {key: value for key, value in LEGACY_VALUES.items() if not _holds(data, key)}
+    return from_dict(_merge(_merge(data, _nest(missing)), _nest(overrides or {})))
+
+
+def _holds(data: dict[str, Any], key: str) -> bool:
+    """Whether file data sets `section.name` (a malformed section counts: from_dict names it)."""
+    section, _, name = key.partition(".")
+    values = data.get(section)
+    return values is not None and (not isinstance(values, dict) or name in values)
+
+
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 

@@ -383,7 +383,7 @@ def prepare_workdir(cfg: Config, workdir: str | Path) -> Path:
         raise ConfigError(f"--workdir {workdir}: not writable ({e.strerror})") from None
     stored = workdir / "config.yaml"
     if stored.exists() and (workdir / "checkpoints").exists():
-        config_lib.check_same_shapes(config_lib.load(stored), cfg)
+        config_lib.check_same_shapes(config_lib.load_stored(stored), cfg)
     if jax.process_index() == 0:
         config_lib.dump(cfg, stored)
     return workdir
