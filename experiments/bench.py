@@ -88,7 +88,8 @@ def _layer_runner(cfg, tokens: int):
         def loss(w, x):
             from sparsemodel.moe import Collectives, moe_forward
 
-            y, stats = moe_forward(cfg, Collectives(), w, x, jnp.ones((tokens,), bool))
+            mask = jnp.ones((tokens,), bool)
+            y, stats, _ = moe_forward(cfg, Collectives(), w, x, mask, seq_len=tokens)
             return jnp.sum(y * y) + stats.lb_loss
     else:
         d, f = cfg.model.d_model, cfg.moe.top_k * cfg.moe.d_expert

@@ -129,14 +129,14 @@ def _train(args) -> int:
     if args.stop_after is not None and args.stop_after < 1:
         raise _UsageError(f"--stop-after: must be >= 1, got {args.stop_after}")
     overrides = config.parse_overrides(args.overrides)
-    name = args.config
+    name = args.config or "small"
     workdir = Path(args.workdir) if args.workdir else None
-    if name is None and workdir is not None and (workdir / "config.yaml").is_file():
-        name = workdir / "config.yaml"  # resume with the workdir's own config
-    name = name or "small"
-    cfg = config.load(name, overrides)
+    if args.config is None and workdir is not None and (workdir / "config.yaml").is_file():
+        cfg = config.load_stored(workdir / "config.yaml", overrides)  # resume with its own
+    else:
+        cfg = config.load(name, overrides)
     if workdir is None:
-        workdir = Path("runs") / Path(str(name)).stem
+        workdir = Path("runs") / Path(name).stem
     _init_distributed(args)
     result = train.run(cfg, workdir, stop_after=args.stop_after)
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"

@@ -113,6 +113,11 @@ class MoEConfig:
     grouped_matmul: Literal["auto", "blocks", "batched", "ragged_dot"] = "auto"
     block_size: int = 128  # largest CPU block (smallest: dispatch.small_block); GPU: every block
     capacity_factor: float = 1.25
+    # Capacity dispatch's group: "sequence" gives each sequence C = ceil(k * train.seq_len / E
+    # * capacity_factor) slots per expert, filled in position order (causal, independent of
+    # the batch); "batch" shares ceil(k * T / E * capacity_factor) among the T tokens of a
+    # device group, token-major (a workdir written before this key existed runs "batch").
+    capacity_group: Literal["sequence", "batch"] = "sequence"
     renormalize: bool = True  # renormalise top-k weights to sum 1 (k > 1 only)
     jitter: float = 0.0  # multiplicative router-input noise U(1-eps, 1+eps) in training
     lb_coef: float = 0.01
@@ -199,6 +204,26 @@ def load(name_or_path: str | Path = "small", overrides: dict[str, Any] | None = 
     data = read_file(_resolve(name_or_path))
     data = _merge(data, _nest(overrides or {}))
     return from_dict(data)
+
+
+# Keys added after workdirs were first written, with the value that reproduces what a
+# config.yaml without them ran: a resumed, evaluated or exported run does not change.
+LEGACY_VALUES = {"moe.capacity_group": "batch"}
+
+
+def load_stored(path: Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Loads a workdir's config.yaml (then overrides); keys its file lacks because it was
+    written before they existed take their LEGACY_VALUES."""
+    data = read_file(path)
+    missing = {key: value for key, value in LEGACY_VALUES.items() if not _holds(data, key)}
+    return from_dict(_merge(_merge(data, _nest(missing)), _nest(overrides or {})))
+
+
+def _holds(data: dict[str, Any], key: str) -> bool:
+    """Whether file data sets `section.name` (a malformed section counts: from_dict names it)."""
+    section, _, name = key.partition(".")
+    values = data.get(section)
+    return values is not None and (not isinstance(values, dict) or name in values)
 
 
 def preset_names() -> list[str]:

@@ -58,13 +58,47 @@ def rank_within_expert(flat_e, n_experts: int):
     return rank, counts
 
 
-def capacity_rows(experts_tk, n_experts: int, capacity: int):
-    """Row of each assignment in an [E*C] buffer (E*C = dropped) and the keep mask [T, k]."""
-    flat_e = experts_tk.reshape(-1)
-    rank, _ = rank_within_expert(flat_e, n_experts)
-    keep = (rank < capacity) & (flat_e < n_experts)
-    rows = jnp.where(keep, flat_e * capacity + rank, n_experts * capacity)
-    return rows.reshape(experts_tk.shape), keep.reshape(experts_tk.shape)
+class CapacityRows(NamedTuple):
+    """Capacity layout: expert e's rows are [e * N * S, (e + 1) * N * S), sequence n's S rows
+    among them (S = min(capacity, sequence length): a token picks an expert at most once)."""
+
+    rows: jax.Array  # [T, k] int32 buffer row of each assignment; n_rows = dropped or none
+    keep: jax.Array  # [T, k] bool: the assignment fits its sequence's capacity
+    counts: jax.Array  # [N, E] int32 assignments each sequence's experts kept, `used` included
+    n_rows: int  # E * N * S
+
+
+def capacity_rows(
+    experts_tk, n_experts: int, capacity: int, seq_len: int | None = None, used_ne=None
+) -> CapacityRows:
+    """Keeps each sequence's first `capacity` assignments to each expert: -> CapacityRows.
+
+    experts_tk [T, k] (n_experts = none) holds N = T / seq_len sequences one after another
+    (seq_len None: one sequence of T). Priority is position-major within a sequence (all of
+    token t's choices beat token t+1's), so an assignment's fate depends only on earlier
+    tokens of its own sequence. used_ne [N, E]: assignments kept by earlier calls (decoding),
+    which count against the capacity.
+    """
+    t, k = experts_tk.shape
+    seq_len = t if seq_len is None else seq_len
+    n_seqs, slots = t // seq_len, min(capacity, seq_len)
+    n_groups = n_seqs * n_experts  # one group per (sequence, expert)
+    flat_e = experts_tk.reshape(-1)  # [A]
+    seq_a = jnp.arange(t * k, dtype=jnp.int32) // (seq_len * k)  # [A] sequence of each
+    group = jnp.where(flat_e < n_experts, seq_a * n_experts + flat_e, n_groups)  # [A]
+    rank, counts = rank_within_expert(group, n_groups)  # token-major inside each group
+    used = jnp.zeros((n_groups,), jnp.int32) if used_ne is None else used_ne.reshape(-1)
+    used_a = jnp.take(used, group, mode="fill", fill_value=capacity)  # [A]; none: full
+    keep = rank + used_a < capacity
+    n_rows = n_experts * n_seqs * slots
+    rows = jnp.where(keep, (flat_e * n_seqs + seq_a) * slots + rank, n_rows)
+    new_counts = jnp.minimum(used + counts[:n_groups], capacity).astype(jnp.int32)
+    return CapacityRows(
+        rows.reshape(t, k).astype(jnp.int32),
+        keep.reshape(t, k),
+        new_counts.reshape(n_seqs, n_experts),
+        n_rows,
+    )
 
 
 def small_block(block: int) -> int:

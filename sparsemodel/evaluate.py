@@ -51,7 +51,7 @@ def restore(workdir: str | Path, step: int | None = None) -> Restored:
         raise ConfigError(f"--workdir {workdir}: not a directory")
     if not (workdir / "config.yaml").is_file():
         raise ConfigError(f"--workdir {workdir}: no config.yaml (not a sparsemodel workdir)")
-    cfg = config_lib.load(workdir / "config.yaml").replace(
+    cfg = config_lib.load_stored(workdir / "config.yaml").replace(
         {"mesh.data": -1, "mesh.fsdp": 1, "mesh.expert": 1, "mesh.tensor": 1}
     )
     ckpt = Checkpointer(workdir, async_save=False)

@@ -542,7 +542,7 @@ def export_hf(
     workdir, out = Path(workdir), Path(out)
     if not (workdir / "config.yaml").is_file():
         raise ConfigError(f"--workdir {workdir}: no config.yaml (not a sparsemodel workdir)")
-    cfg = config_lib.load(workdir / "config.yaml")
+    cfg = config_lib.load_stored(workdir / "config.yaml")
     source = workdir / "hf_config.json"
     hf_cfg = config_to_hf(cfg, _read_json_object(source) if source.is_file() else None)
     _refuse_existing(out, f"output {out}")

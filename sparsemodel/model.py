@@ -13,7 +13,7 @@ Compile time therefore does not grow with depth.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,7 @@ from flax import nnx
 from sparsemodel.config import Config
 from sparsemodel.grouped_matmul import ExpertStack
 from sparsemodel.layers import MLP, Attention, KVCache, RMSNorm, param
-from sparsemodel.moe import MoE, MoEStats, reads_stack_in_place
+from sparsemodel.moe import MoE, MoEStats, counts_per_sequence, reads_stack_in_place
 from sparsemodel.unroll import scan_unroll
 
 REMAT_POLICIES = {
@@ -44,6 +44,15 @@ class Embed(nnx.Module):
         return x @ self.embedding[...].astype(x.dtype).T  # [..., V]
 
 
+class BlockCache(NamedTuple):
+    """What one block carries from one decoding call to the next."""
+
+    kv: KVCache
+    # [B, E] int32 assignments each sequence's experts kept so far: MoE blocks with capacity
+    # per sequence (moe.counts_per_sequence) only, else None.
+    expert_counts: jax.Array | None
+
+
 class Block(nnx.Module):
     """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x)) with a dense or MoE ffn."""
 
@@ -55,16 +64,20 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(d, cfg.model.norm_eps, rngs=rngs)
         self.ffn = MoE(cfg, rngs=rngs) if self.is_moe else MLP(d, cfg.model.d_ff, cfg, rngs=rngs)
 
-    def __call__(self, x_btd, positions, mask, key, cache, stack=None):
-        h, cache = self.attn(self.attn_norm(x_btd), positions, cache)
+    def __call__(self, x_btd, positions, mask, key, cache: BlockCache | None, stack=None):
+        h, kv = self.attn(self.attn_norm(x_btd), positions, None if cache is None else cache.kv)
         x_btd = x_btd + h
         b, t, d = x_btd.shape
-        h_nd = self.ffn_norm(x_btd).reshape(b * t, d)  # flatten: faster matmuls, one token group
+        h_nd = self.ffn_norm(x_btd).reshape(b * t, d)  # flatten: faster matmuls (seq_len=t below)
+        counts = None if cache is None else cache.expert_counts
         if self.is_moe:
             mask_n = None if mask is None else mask.reshape(b * t)
-            y_nd, stats = self.ffn(h_nd, mask_n, key, stack)
+            y_nd, stats, counts = self.ffn(
+                h_nd, mask_n, key, stack, seq_len=t, expert_counts=counts
+            )
         else:
             y_nd, stats = self.ffn(h_nd), None
+        cache = None if cache is None else BlockCache(kv, counts)
         return x_btd + y_nd.reshape(b, t, d), stats, cache
 
 
@@ -146,16 +159,21 @@ class Transformer(nnx.Module):
         return logits, cache
 
     def init_cache(self, batch: int, max_len: int) -> dict[str, Any]:
+        """An empty BlockCache for every block, with leading [repeats, n_unique] axes."""
         m = self.cfg.model
         n_prefix, kinds, n_unique, repeats = unit_layout(self.cfg)
         shape = (batch, max_len, m.n_kv_heads, m.d_model // m.n_heads)
 
-        def kv(*lead):
-            return KVCache(jnp.zeros(lead + shape, self.dtype), jnp.zeros(lead + shape, self.dtype))
+        def block(kind, *lead):
+            kv = KVCache(jnp.zeros(lead + shape, self.dtype), jnp.zeros(lead + shape, self.dtype))
+            counts = None
+            if kind == "moe" and counts_per_sequence(self.cfg):
+                counts = jnp.zeros(lead + (batch, self.cfg.moe.num_experts), jnp.int32)
+            return BlockCache(kv, counts)
 
         return {
-            "prefix": (kv(1, n_prefix),) if n_prefix else None,
-            "units": tuple(kv(repeats, n_unique) for _ in kinds),
+            "prefix": (block("dense", 1, n_prefix),) if n_prefix else None,
+            "units": tuple(block(kind, repeats, n_unique) for kind in kinds),
         }
 
     def forward(self, tokens, positions, *, mask=None, key=None, cache=None):
@@ -179,7 +197,7 @@ class Transformer(nnx.Module):
     def _scan(self, units, repeats, x, positions, mask, key, caches):
         """Runs a stacked Unit `repeats` times over its depth with jax.lax.scan.
 
-        caches: per block of the unit, a KVCache with leading [repeats, n_unique] axes.
+        caches: per block of the unit, a BlockCache with leading [repeats, n_unique] axes.
         Returns x, stats stacked over [repeats * n_unique] units, and the new caches.
         """
         graphdef, state = nnx.split(units)

@@ -6,9 +6,20 @@
     combine  y[t] = sum_j w[t, j] * expert_out[row of (t, j)]                   (by index)
 
 Dispatch strategies (`moe.dispatch`), same maths:
-  capacity  each expert takes at most C = ceil(k*T/E * capacity_factor) assignments, in
-            token-major priority (all of token t's choices beat token t+1's); the rest are
-            dropped (contribute zero; the residual stream carries the token).
+  capacity  each expert takes at most C assignments of a group, the rest are dropped
+            (contribute zero; the residual stream carries the token). `moe.capacity_group`:
+            sequence  each sequence is a group, with C = ceil(k*train.seq_len/E *
+                      capacity_factor) whatever the call's length, filled in position order
+                      (all of token t's choices beat token t+1's): a token's fate depends
+                      only on earlier tokens of its own sequence, so the layer is causal,
+                      each sequence's output is independent of the batch, and cached
+                      decoding (which carries each sequence's per-expert counts) gives the
+                      full forward's outputs exactly.
+            batch     the T tokens of the call (of the expert group, under a mesh) are one
+                      group with C = ceil(k*T/E * capacity_factor), in token-major order
+                      over the flattened batch: a sequence's drops depend on the other
+                      sequences and on later positions, and decoding one token at a time
+                      sees other groups than the full forward (it is not exact).
   dropless  every assignment is computed: rows sorted by expert and run through a grouped
             matmul (`moe.grouped_matmul`; grouped_matmul.py). `jax.lax.ragged_dot` is
             one on TPU, but XLA computes every expert on every row on CPU (E/k times the
@@ -24,9 +35,10 @@ tokens; with `mesh.expert = n` the n devices of an expert group all-gather their
 each runs only its E/n experts on the tokens routed to them, and a reduce-scatter returns
 every token's sum to its owner (dropless stays exact: no capacity is involved).
 FSDP-sharded weights are all-gathered per layer; tensor-sharded expert width gives partial
-sums that are added over `tensor`. The token group T is the tokens of one expert group,
-so capacity and expert choice see the same group on one device as on many only when
-mesh.expert covers all batch shards.
+sums that are added over `tensor`. The batch is split by whole sequences, so per-sequence
+capacity gives the single-device result on any mesh. Batch-group capacity and expert
+choice see the tokens of one expert group: the same group on one device as on many only
+when mesh.expert covers all batch shards.
 
 Statistics and auxiliary losses are returned explicitly as `MoEStats`, computed from sums
 over all devices' tokens, so they equal the single-device numbers.
@@ -90,6 +102,15 @@ def grouped_matmul_kind(cfg: Config) -> str:
     return kind
 
 
+def counts_per_sequence(cfg: Config) -> bool:
+    """Whether the layer keeps per-sequence expert counts: capacity dispatch of token choice
+    with capacity_group=sequence (cached decoding carries them from call to call)."""
+    e = cfg.moe
+    return (
+        e.dispatch == "capacity" and e.router != "expert_choice" and e.capacity_group == "sequence"
+    )
+
+
 def reads_stack_in_place(cfg: Config) -> bool:
     """Whether the layer scan should hand the MoE layers an ExpertStack (grouped_matmul.py)
     rather than each layer's slice of the expert weights: dropless token choice with the
@@ -126,37 +147,51 @@ class MoE(nnx.Module):
             names += ["shared_gate", "shared_up", "shared_down"]
         return {n: getattr(self, f"w_{n}")[...] for n in names}
 
-    def __call__(self, x_td, mask_t=None, key=None, stack=None) -> tuple[jax.Array, MoEStats]:
-        """x_td [T, D] (compute dtype), mask_t [T] bool or None, key: jitter PRNG key or None,
-        stack: the layer scan's ExpertStack (see `reads_stack_in_place`) or None.
+    def __call__(
+        self, x_td, mask_t=None, key=None, stack=None, *, seq_len=None, expert_counts=None
+    ):
+        """x_td [T, D] (compute dtype): N = T / seq_len sequences of seq_len tokens one after
+        another (seq_len None: one sequence); mask_t [T] bool or None; key: jitter PRNG key or
+        None; stack: the layer scan's ExpertStack (see `reads_stack_in_place`) or None;
+        expert_counts [N, E] int32: the assignments each sequence's experts kept in earlier calls
+        (cached decoding, see `counts_per_sequence`) or None.
 
-        Returns y [T, D] and this layer's MoEStats.
+        Returns y [T, D], this layer's MoEStats, and expert_counts with this call's kept
+        assignments added (None when none are given).
         """
         if mask_t is None:
             mask_t = jnp.ones(x_td.shape[:1], bool)
+        seq_len = x_td.shape[0] if seq_len is None else seq_len
         w = self.weights()
         if stack is not None:
             w["stack"] = stack  # the kernel reads this layer's experts from it
         mesh = jax.sharding.get_abstract_mesh()
+        fn = partial(moe_forward, self.cfg, seq_len=seq_len)
         if mesh.empty or mesh.size == 1:
             # Outside any mesh, or on one device: the same function without shard_map, whose
             # backward would all-reduce every weight gradient over one device (a full copy).
-            return moe_forward(self.cfg, Collectives(), w, x_td, mask_t, key)
+            return fn(Collectives(), w, x_td, mask_t, key, expert_counts)
+        n_seqs, shards = x_td.shape[0] // seq_len, sharding.batch_divisor(mesh)
+        if counts_per_sequence(self.cfg) and n_seqs % shards:
+            raise ValueError(
+                f"capacity per sequence needs whole sequences on each device: {n_seqs} "
+                f"sequences on {shards} batch shards"
+            )
         specs = {
             n: sharding.fit_spec(sharding.logical_to_spec(AXES[n]), w[n].shape, mesh) for n in w
         }
         batch = P(sharding.BATCH_AXES)
-        coll = Collectives.for_mesh(mesh, specs)
-        args, in_specs = (w, x_td, mask_t), (specs, batch, batch)
-        if key is not None:
-            args, in_specs = args + (key,), in_specs + (P(),)
-        fn = partial(moe_forward, self.cfg, coll)
+        counts_spec = None if expert_counts is None else batch
         # check_vma=False: the block loop's lax.cond and scan carries would otherwise need
         # every branch and carry cast to the same varying axes; equality of sharded and
         # single-device training (tests/test_sharding.py) checks the result instead.
         return jax.shard_map(
-            fn, mesh=mesh, in_specs=in_specs, out_specs=(batch, P()), check_vma=False
-        )(*args)
+            partial(fn, Collectives.for_mesh(mesh, specs)),
+            mesh=mesh,
+            in_specs=(specs, batch, batch, None if key is None else P(), counts_spec),
+            out_specs=(batch, P(), counts_spec),
+            check_vma=False,
+        )(w, x_td, mask_t, key, expert_counts)
 
     def route_probs(self, x_td, key=None):
         return route(self.cfg, self.w_router[...], x_td, key)
@@ -222,8 +257,11 @@ class Collectives:
 # ------------------------------------------------------------------- the layer maths
 
 
-def moe_forward(cfg: Config, coll: Collectives, w, x_td, mask_t, key=None):
-    """The MoE layer on this device's tokens; see the module docstring."""
+def moe_forward(
+    cfg: Config, coll: Collectives, w, x_td, mask_t, key=None, expert_counts=None, *, seq_len
+):
+    """The MoE layer on this device's tokens, N = T / seq_len whole sequences, and their
+    expert_counts [N, E] or None (see MoE.__call__): -> (y [T, D], MoEStats, expert_counts)."""
     e = cfg.moe
     if key is not None and coll.batch_axes:  # distinct jitter noise for each device's tokens
         key = jax.random.fold_in(key, jax.lax.axis_index(coll.batch_axes))
@@ -256,7 +294,20 @@ def moe_forward(cfg: Config, coll: Collectives, w, x_td, mask_t, key=None):
         local = local._replace(
             experts=jnp.where((local_e >= 0) & (local_e < n_local), local_e, n_local)
         )
-        y_g, kept = token_choice(cfg, w, x_g, local, n_local)
+        counts_g = None if expert_counts is None else coll.gather_tokens(expert_counts)
+        local_counts = (  # [N_g, E_l]: the expert group's sequences, this device's experts
+            None
+            if counts_g is None
+            else jax.lax.dynamic_slice_in_dim(counts_g, offset, n_local, axis=1)
+        )
+        y_g, kept, local_counts = token_choice(cfg, w, x_g, local, n_local, seq_len, local_counts)
+        if expert_counts is not None:
+            # Each device fills its own experts' columns: summed over the group, each
+            # sequence's row goes back to the device that holds the sequence.
+            filled = jax.lax.dynamic_update_slice_in_dim(
+                jnp.zeros_like(counts_g), local_counts, offset, axis=1
+            )
+            expert_counts = coll.scatter_tokens(filled)  # [N, E]
         # Each assignment is handled by exactly one device of the group: sum the kept ones.
         kept_n = jnp.sum(kept) if coll.expert_size == 1 else jax.lax.psum(jnp.sum(kept), "expert")
         kept_n = kept_n / coll.expert_size
@@ -281,7 +332,7 @@ def moe_forward(cfg: Config, coll: Collectives, w, x_td, mask_t, key=None):
         n_assign=n_assign,
         reduce=coll.sum_batch,
     )
-    return y.astype(dtype), stats
+    return y.astype(dtype), stats, expert_counts
 
 
 def route(cfg: Config, w_router, x_td, key=None):
@@ -371,30 +422,47 @@ def batched_experts(w, xb_ecd):
 # ------------------------------------------------------------------ token choice
 
 
-def token_choice(cfg: Config, w, x_td, routing: Routing, n_experts: int):
-    """Runs each assignment through its expert and combines: -> (y [T, D], kept [T, k]).
+def token_choice(cfg: Config, w, x_td, routing: Routing, n_experts: int, seq_len: int, counts):
+    """Runs each assignment through its expert and combines: -> (y [T, D], kept [T, k],
+    counts [N, n_experts] or None).
 
     routing.experts index this device's n_experts experts; n_experts marks assignments
-    handled elsewhere (or padding).
+    handled elsewhere (or padding). x_td holds N = T / seq_len sequences; counts [N,
+    n_experts] (or None): what their experts kept in earlier calls (capacity per sequence).
     """
     e = cfg.moe
     kind = grouped_matmul_kind(cfg)
     kept = routing.experts < n_experts
     if e.dispatch == "capacity":
-        capacity = expert_capacity(x_td.shape[0], e.top_k, e.num_experts, e.capacity_factor)
-        rows, kept = dispatch.capacity_rows(routing.experts, n_experts, capacity)
-        layout = dispatch.layout_from_rows(rows, n_experts * capacity)
-        with jax.named_scope("dispatch"):
-            xb = dispatch.dispatch(x_td, layout)  # [E * C, D]
-        with jax.named_scope("experts"):
-            yb = batched_experts(w, xb.reshape(n_experts, capacity, -1))
-        y_rd = yb.reshape(n_experts * capacity, -1)
+        y_rd, layout, kept, counts = capacity_experts(
+            cfg, w, x_td, routing, n_experts, seq_len, counts
+        )
     elif kind == "ragged_dot":
         y_rd, layout = dropless_ragged(w, x_td, routing, n_experts)
     else:
         y_rd, layout = dropless_blocks(w, x_td, routing, n_experts, e.block_size, kind)
     with jax.named_scope("combine"):
-        return dispatch.combine(y_rd, jnp.where(kept, routing.weights, 0.0), layout), kept
+        y = dispatch.combine(y_rd, jnp.where(kept, routing.weights, 0.0), layout)
+    return y, kept, counts
+
+
+def capacity_experts(cfg: Config, w, x_td, routing: Routing, n_experts: int, seq_len, counts):
+    """Each expert's kept assignments through it, one batched matmul over the expert-major
+    buffer: -> (y [R, D], layout, kept [T, k], counts [N, n_experts] or None)."""
+    e = cfg.moe
+    if e.capacity_group == "sequence":  # the training length's capacity, in every call
+        capacity = expert_capacity(cfg.train.seq_len, e.top_k, e.num_experts, e.capacity_factor)
+        placed = dispatch.capacity_rows(routing.experts, n_experts, capacity, seq_len, counts)
+        counts = None if counts is None else placed.counts
+    else:  # all tokens of the group share each expert's capacity; no counts to carry
+        capacity = expert_capacity(x_td.shape[0], e.top_k, e.num_experts, e.capacity_factor)
+        placed = dispatch.capacity_rows(routing.experts, n_experts, capacity)
+    layout = dispatch.layout_from_rows(placed.rows, placed.n_rows)
+    with jax.named_scope("dispatch"):
+        xb = dispatch.dispatch(x_td, layout)  # [R, D], R = E * N * S
+    with jax.named_scope("experts"):
+        yb = batched_experts(w, xb.reshape(n_experts, -1, xb.shape[-1]))  # [E, N * S, D]
+    return yb.reshape(placed.n_rows, -1), layout, placed.keep, counts
 
 
 def dropless_blocks(w, x_td, routing: Routing, n_experts: int, block: int, kind: str):

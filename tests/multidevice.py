@@ -14,25 +14,29 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from sparsemodel import config, evaluate, params, sharding, train
 
 TINY = {"train.steps": 5, "train.eval_every": 1000, "train.checkpoint_every": 1000}
 
 
-def losses(workdir) -> list[float]:
+def metric(workdir, name: str = "loss") -> list[float]:
     lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(x)["loss"] for x in lines]
+    return [json.loads(x)[name] for x in lines]
 
 
 def train_meshes(workdir: str, meshes: dict[str, dict]) -> dict:
-    """Trains tiny on each mesh; returns losses and what each device holds of the experts."""
+    """Trains tiny on each mesh (and routing settings); returns losses, fractions dropped and
+    what each device holds of the experts."""
     out = {}
     for name, mesh in meshes.items():
         cfg = config.load("tiny", {**TINY, **mesh})
         train.run(cfg, Path(workdir) / name, log=lambda s: None)
-        out[name] = {"losses": losses(Path(workdir) / name)}
+        run_dir = Path(workdir) / name
+        out[name] = {"losses": metric(run_dir), "dropped": metric(run_dir, "dropped")}
         # What each device really holds of the born-sharded expert weights.
         mesh_ = sharding.make_mesh(cfg.mesh)
         _, p = params.init_params(cfg, mesh_, 0)
@@ -49,7 +53,33 @@ def train_meshes(workdir: str, meshes: dict[str, dict]) -> dict:
 def run_train(workdir: str, overrides: dict, stop_after: int | None = None) -> dict:
     cfg = config.load("tiny", {**TINY, **overrides})
     train.run(cfg, workdir, stop_after=stop_after, log=lambda s: None)
-    return {"losses": losses(workdir)}
+    return {"losses": metric(workdir)}
+
+
+def decode(mesh: dict, batch: int = 8, seq: int = 10, prompt: int = 4) -> dict:
+    """Tiny with capacity per sequence on a mesh: the full forward's logits against prefill
+    then one token at a time with the cache; returns their largest difference and the
+    fraction of assignments the full forward dropped."""
+    cfg = config.load("tiny", {"moe.dispatch": "capacity", "moe.capacity_factor": 0.25, **mesh})
+    mesh_ = sharding.make_mesh(cfg.mesh)
+    graphdef, state = params.init_params(cfg, mesh_, 0)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, seq)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+    forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))
+    step = jax.jit(lambda s, t, p, c: nnx.merge(graphdef, s).decode(t, p, c))
+    with jax.set_mesh(mesh_):
+        full, stats = forward(state, tokens)
+        cache = nnx.merge(graphdef, state).init_cache(batch, seq)
+        logits, cache = step(state, tokens[:, :prompt], positions[:, :prompt], cache)
+        pieces = [logits]
+        for t in range(prompt, seq):
+            logits, cache = step(state, tokens[:, t : t + 1], positions[:, t : t + 1], cache)
+            pieces.append(logits)
+    cached = np.concatenate([np.asarray(p) for p in pieces], axis=1)
+    return {
+        "max_diff": float(np.abs(cached - np.asarray(full)).max()),
+        "dropped": float(np.asarray(stats.dropped).min()),
+    }
 
 
 def run_eval(workdir: str, step: int | None = None) -> dict:
@@ -66,5 +96,11 @@ def run_eval(workdir: str, step: int | None = None) -> dict:
 
 if __name__ == "__main__":
     command, args = sys.argv[1], json.loads(sys.argv[2])
-    result = {"train_meshes": train_meshes, "train": run_train, "eval": run_eval}[command](**args)
+    commands = {
+        "train_meshes": train_meshes,
+        "train": run_train,
+        "eval": run_eval,
+        "decode": decode,
+    }
+    result = commands[command](**args)
     print("RESULT " + json.dumps(result))

@@ -11,8 +11,9 @@ import sys
 
 import jax
 import pytest
+import yaml
 
-from sparsemodel import cli, config
+from sparsemodel import cli, config, train
 from sparsemodel.flops import param_counts
 
 PRESETS = ["tiny", "small", "small-dense", "gpu-1b", "gpu-1b-dense"]
@@ -26,6 +27,7 @@ def test_preset_loads(name):
     cfg = config.load(name)
     assert isinstance(cfg, config.Config)
     assert name in config.preset_names()
+    assert cfg.moe.capacity_group == "sequence"  # new runs: causal, batch-independent capacity
 
 
 @pytest.mark.parametrize("moe, dense", [("small", "small-dense"), ("gpu-1b", "gpu-1b-dense")])
@@ -462,6 +464,7 @@ def test_dump_then_load_round_trips(tmp_path, name):
     path = tmp_path / "config.yaml"
     config.dump(cfg, path)
     assert config.load(path) == cfg
+    assert config.load_stored(path) == cfg  # a key the file holds is kept
 
 
 def test_dump_round_trips_non_default_choices(tmp_path):
@@ -470,6 +473,7 @@ def test_dump_round_trips_non_default_choices(tmp_path):
         overrides={
             "moe.router": "expert_choice",
             "moe.dispatch": "capacity",
+            "moe.capacity_group": "batch",
             "train.dtype": "bfloat16",
             "model.tie_embeddings": True,
             "data.source": "true",  # a string that YAML would read as a bool if unquoted
@@ -480,6 +484,50 @@ def test_dump_round_trips_non_default_choices(tmp_path):
     path = tmp_path / "config.yaml"
     config.dump(cfg, path)
     assert config.load(path) == cfg
+
+
+# ------------------------------------------------- workdirs written before a key existed
+
+
+def write_legacy_config(path, **overrides):
+    """A workdir's config.yaml as written before moe.capacity_group existed."""
+    config.dump(config.load("tiny", {"moe.dispatch": "capacity", **overrides}), path)
+    data = yaml.safe_load(path.read_text())
+    del data["moe"]["capacity_group"]
+    path.write_text(yaml.safe_dump(data))
+
+
+def test_stored_config_without_capacity_group_keeps_batch(tmp_path):
+    path = tmp_path / "config.yaml"
+    write_legacy_config(path)
+    stored = config.load_stored(path)
+    assert stored.moe.capacity_group == "batch"  # what the workdir was trained with
+    assert config.load(path).moe.capacity_group == "sequence"  # as a new config: the default
+    assert stored.replace({"moe.capacity_group": "sequence"}) == config.load(path)  # the rest
+    resumed = config.load_stored(path, {"moe.capacity_group": "sequence"})
+    assert resumed.moe.capacity_group == "sequence"  # an explicit override wins
+    (tmp_path / "dense.yaml").write_text("model: {d_model: 64}\n")  # no moe section at all
+    assert config.load_stored(tmp_path / "dense.yaml").moe.capacity_group == "batch"
+
+
+def test_cli_resumes_a_workdir_without_capacity_group_with_batch(tmp_path, monkeypatch):
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    write_legacy_config(workdir / "config.yaml")
+    given = []
+
+    class Stop(Exception):
+        pass
+
+    def run(cfg, workdir, stop_after=None):
+        given.append(cfg)
+        raise Stop
+
+    monkeypatch.setattr(train, "run", run)
+    with pytest.raises(Stop):
+        cli.main(["train", "--workdir", str(workdir)])
+    assert given[0].moe.capacity_group == "batch"
+    assert given[0] == config.load_stored(workdir / "config.yaml")
 
 
 # ------------------------------------------------------------------- checkpoint shapes

@@ -13,11 +13,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsemodel import config, layers, model
+from sparsemodel import config, evaluate, layers, model
 
 VOCAB = 256  # tiny preset
 # Tests share these shapes so that models of one config reuse compiled forwards.
 BATCH, SEQ, PROMPT = 4, 10, 4
+# Capacity per sequence that must drop: C = ceil(2 * 32 / 4 * 0.25) = 4 slots per expert
+# for the 20 assignments of SEQ tokens (tiny: train.seq_len 32, 4 experts, top-2).
+CAPACITY = {"moe.dispatch": "capacity", "moe.capacity_factor": 0.25}
 
 
 def make_lm(seed=0, **overrides) -> model.Transformer:
@@ -99,13 +102,35 @@ def test_moe_model_is_causal():
         assert np.abs(logits[:, t] - base[:, t]).max() > 1e-3, f"position {t} ignored its token"
 
 
-def test_sequences_in_a_batch_are_independent():
-    lm = make_lm()
+def test_capacity_per_sequence_is_causal():
+    """Later tokens of any sequence change no earlier output, though tokens are dropped (with
+    one capacity for the whole batch, sequence 0's later tokens take sequence 1's slots)."""
+    lm = make_lm(**CAPACITY)
+    tokens = random_tokens(BATCH, SEQ, seed=3)
+    base, stats = forward(lm, tokens)
+    base = np.asarray(base)
+    assert float(stats.dropped.min()) > 0  # every MoE layer drops
+    for t in (2, 6):
+        changed = tokens.at[:, t + 1 :].set(random_tokens(BATCH, SEQ - t - 1, seed=4 + t))
+        logits = np.asarray(forward(lm, changed)[0])
+        np.testing.assert_allclose(logits[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-6)
+        assert np.abs(logits[:, t + 1] - base[:, t + 1]).max() > 1e-3
+
+
+@pytest.mark.parametrize("overrides", [{}, CAPACITY], ids=["dropless", "capacity_per_sequence"])
+def test_sequences_in_a_batch_are_independent(overrides):
+    lm = make_lm(**overrides)
     batch = random_tokens(BATCH, SEQ, seed=1)
     together, stats = forward(lm, batch)
     alone, _ = forward(lm, batch[2:3])
-    np.testing.assert_allclose(np.asarray(alone[0]), np.asarray(together[2]), rtol=0, atol=1e-5)
-    assert float(stats.dropped.max()) == 0.0  # dropless
+    reversed_, _ = forward(lm, batch[::-1])
+    together = np.asarray(together)
+    np.testing.assert_allclose(np.asarray(alone[0]), together[2], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(reversed_), together[::-1], rtol=0, atol=1e-5)
+    if overrides:
+        assert float(stats.dropped.min()) > 0  # every MoE layer drops
+    else:
+        assert float(stats.dropped.max()) == 0.0  # dropless
 
 
 # ------------------------------------------------------------------------- KV cache
@@ -115,6 +140,7 @@ def test_sequences_in_a_batch_are_independent():
     "overrides",
     [
         pytest.param({}, id="moe"),
+        pytest.param(CAPACITY, id="capacity_per_sequence"),
         pytest.param({"moe.num_experts": 0, "model.tie_embeddings": True}, id="dense_tied"),
         pytest.param(
             {"moe.first_dense": 1, "model.n_layers": 3}, id="first_dense", marks=pytest.mark.slow
@@ -130,7 +156,10 @@ def test_prefill_then_decode_matches_full_forward(overrides):
     lm = make_lm(**overrides)
     tokens = random_tokens(BATCH, SEQ, seed=2)
     positions = jnp.broadcast_to(jnp.arange(SEQ), (BATCH, SEQ))
-    full = np.asarray(forward(lm, tokens)[0])
+    full, stats = forward(lm, tokens)
+    full = np.asarray(full)
+    if overrides is CAPACITY:  # the counts the cache carries decide real drops
+        assert float(stats.dropped.min()) > 0
 
     cache = lm.init_cache(BATCH, SEQ + 3)  # slots past the last position stay empty
     logits, cache = decode(lm, tokens[:, :PROMPT], positions[:, :PROMPT], cache)
@@ -140,6 +169,17 @@ def test_prefill_then_decode_matches_full_forward(overrides):
         np.testing.assert_allclose(
             np.asarray(logits[:, 0]), full[:, t], rtol=0, atol=1e-4, err_msg=f"position {t}"
         )
+
+
+def test_greedy_sampling_with_capacity_per_sequence_matches_full_forward():
+    # evaluate.sample carries the per-expert counts through its compiled decoding loop.
+    lm = make_lm(**CAPACITY)
+    prompt = random_tokens(BATCH, PROMPT, seed=5)
+    new = np.asarray(evaluate.sample(lm, prompt, SEQ - PROMPT, 0.0, 0, jax.random.key(0)))
+    logits, stats = forward(lm, jnp.concatenate([prompt, jnp.asarray(new)], axis=1))
+    assert float(stats.dropped.min()) > 0
+    expected = np.argmax(np.asarray(logits[:, PROMPT - 1 : SEQ - 1]), axis=-1)
+    np.testing.assert_array_equal(new, expected)
 
 
 # --------------------------------------------------------------------- layer layout

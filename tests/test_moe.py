@@ -57,14 +57,17 @@ BLOCKS_8 = {"num_experts": 8, "top_k": 2, "grouped_matmul": "blocks", "block_siz
 CAPACITY_4 = {"num_experts": 4, "top_k": 2, "dispatch": "capacity", "capacity_factor": 2.0}
 
 
-@nnx.jit
-def _apply(layer, x, mask):
-    return layer(x, mask)
+@nnx.jit(static_argnames="seq_len")
+def _apply(layer, x, mask, seq_len=None):
+    y, stats, _ = layer(x, mask, seq_len=seq_len)
+    return y, stats
 
 
-def apply(layer, x, mask=None):
-    """layer(x, mask); an all-true mask when None (one compiled function for both)."""
-    return _apply(layer, x, jnp.ones(x.shape[:1], bool) if mask is None else jnp.asarray(mask))
+def apply(layer, x, mask=None, seq_len=None):
+    """layer(x, mask) -> (y, stats); an all-true mask when None (one compiled function for
+    both); x holds sequences of seq_len tokens (None: one sequence)."""
+    mask = jnp.ones(x.shape[:1], bool) if mask is None else jnp.asarray(mask)
+    return _apply(layer, x, mask, seq_len)
 
 
 # ------------------------------------------------------------------- naive reference
@@ -129,6 +132,26 @@ def dense_weights(choices, weights, n_experts, keep=None):
 
 def ref_output(layer, x, w_te):
     return np.einsum("te,etd->td", w_te, ref_expert_outputs(layer, x)) + ref_shared(layer, x)
+
+
+def ref_capacity_keep(choices, n_experts, seq_len, capacity, used=None):
+    """Naive capacity: within each sequence of seq_len tokens, in position order (all of token
+    t's choices before token t+1's), an expert keeps assignments while it has kept fewer than
+    `capacity`, counting `used` [N, E] kept before. A choice of n_experts is none.
+
+    Returns keep [T, k] and the kept counts [N, E].
+    """
+    t, k = choices.shape
+    counts = np.zeros((t // seq_len, n_experts), int) if used is None else np.array(used)
+    keep = np.zeros((t, k), bool)
+    for i in range(t):
+        n = i // seq_len
+        for j in range(k):
+            e = choices[i, j]
+            if e < n_experts and counts[n, e] < capacity:
+                keep[i, j] = True
+                counts[n, e] += 1
+    return keep, counts
 
 
 def ref_token_choice(layer, x):
@@ -234,12 +257,13 @@ def test_expert_capacity_formula():
 def test_capacity_rows_by_hand():
     e_pad = 4  # E marks a padding token
     experts = jnp.array([[0, 1], [0, 2], [0, 1], [e_pad, e_pad], [1, 0]], jnp.int32)
-    rows, keep = dispatch.capacity_rows(experts, n_experts=4, capacity=2)
+    placed = dispatch.capacity_rows(experts, n_experts=4, capacity=2)
     # Token-major ranks: e0 <- (0,0) (1,0) (2,0)x (4,1)x ; e1 <- (0,1) (2,1) (4,0)x ; e2 <- (1,1).
     # Row = e * C + rank for kept assignments, E * C = 8 for dropped and padding ones.
-    np.testing.assert_array_equal(np.asarray(rows), [[0, 2], [1, 4], [8, 3], [8, 8], [8, 8]])
+    assert placed.n_rows == 8
+    np.testing.assert_array_equal(np.asarray(placed.rows), [[0, 2], [1, 4], [8, 3], [8, 8], [8, 8]])
     np.testing.assert_array_equal(
-        np.asarray(keep),
+        np.asarray(placed.keep),
         [[True, True], [True, True], [False, True], [False, False], [False, False]],
     )
 
@@ -248,12 +272,13 @@ def test_capacity_rows_by_hand():
     "n_experts, k, factor, n_shared",
     [(4, 2, 0.5, 0), (8, 1, 1.0, 1)],
 )
-def test_capacity_drops_over_capacity_in_token_major_order(n_experts, k, factor, n_shared):
+def test_batch_capacity_drops_over_capacity_in_token_major_order(n_experts, k, factor, n_shared):
     n_tokens = 16
     layer = make_layer(
         num_experts=n_experts,
         top_k=k,
         dispatch="capacity",
+        capacity_group="batch",
         capacity_factor=factor,
         num_shared=n_shared,
     )
@@ -261,19 +286,104 @@ def test_capacity_drops_over_capacity_in_token_major_order(n_experts, k, factor,
     _, probs = ref_router(layer, x)
     choices, weights = ref_topk(probs, k, renormalize=True)
     capacity = math.ceil(k * n_tokens / n_experts * factor)
-    counts = [0] * n_experts
-    keep = np.zeros((n_tokens, k), bool)
-    for t in range(n_tokens):  # token t's choices all beat token t+1's
-        for j in range(k):
-            e = choices[t, j]
-            keep[t, j] = counts[e] < capacity
-            counts[e] += 1
+    keep, _ = ref_capacity_keep(choices, n_experts, n_tokens, capacity)  # one group of all
     assert not keep.all(), "the test needs some drops"
 
     y, stats = apply(layer, x)
     expected = ref_output(layer, x, dense_weights(choices, weights, n_experts, keep))
     np.testing.assert_allclose(np.asarray(y), expected, **TOL)
     np.testing.assert_allclose(float(stats.dropped), 1.0 - keep.mean(), atol=1e-6)
+
+
+# ------------------------------------------------------------- capacity per sequence
+
+
+@pytest.mark.parametrize("with_used", [False, True], ids=["first_call", "later_call"])
+def test_capacity_rows_per_sequence_match_naive_loop(with_used):
+    n_experts, k, seq_len, n_seqs, capacity = 4, 2, 6, 3, 3
+    rng = np.random.default_rng(0)
+    # Distinct experts per token, as top-k picks them; two padding tokens choose none (E).
+    choices = np.stack([rng.choice(n_experts, k, replace=False) for _ in range(n_seqs * seq_len)])
+    choices[[4, 11]] = n_experts
+    used = rng.integers(0, capacity + 1, (n_seqs, n_experts)) if with_used else None
+    placed = dispatch.capacity_rows(
+        jnp.asarray(choices, jnp.int32),
+        n_experts,
+        capacity,
+        seq_len,
+        None if used is None else jnp.asarray(used, jnp.int32),
+    )
+    keep, counts = ref_capacity_keep(choices, n_experts, seq_len, capacity, used)
+    assert keep.any() and not keep[choices < n_experts].all(), "the test needs some drops"
+    np.testing.assert_array_equal(np.asarray(placed.keep), keep)
+    np.testing.assert_array_equal(np.asarray(placed.counts), counts)
+    # Expert-major buffer: expert e's N * S rows, sequence n's S = min(C, seq_len) among
+    # them, one assignment per row; dropped and padding assignments get no row.
+    per_expert = n_seqs * min(capacity, seq_len)
+    assert placed.n_rows == n_experts * per_expert
+    rows = np.asarray(placed.rows)
+    np.testing.assert_array_equal(rows[~keep], placed.n_rows)
+    kept_rows = rows[keep]
+    assert len(set(kept_rows.tolist())) == len(kept_rows)
+    np.testing.assert_array_equal(kept_rows // per_expert, choices[keep])
+    token = np.nonzero(keep)[0]
+    np.testing.assert_array_equal(
+        kept_rows % per_expert // min(capacity, seq_len), token // seq_len
+    )
+
+
+@pytest.mark.parametrize("n_experts, k, factor, n_shared", [(4, 2, 0.25, 0), (8, 1, 0.25, 1)])
+def test_capacity_per_sequence_matches_reference(n_experts, k, factor, n_shared):
+    seq_len, n_seqs = 8, 3
+    layer = make_layer(
+        num_experts=n_experts,
+        top_k=k,
+        dispatch="capacity",
+        capacity_factor=factor,
+        num_shared=n_shared,
+    )
+    x = tokens(seq_len * n_seqs, seed=3)
+    _, probs = ref_router(layer, x)
+    choices, weights = ref_topk(probs, k, renormalize=True)
+    # C comes from train.seq_len (32 in tiny), not from the 8 tokens of these sequences.
+    capacity = math.ceil(k * layer.cfg.train.seq_len / n_experts * factor)
+    keep, _ = ref_capacity_keep(choices, n_experts, seq_len, capacity)
+    assert not keep.all(), "the test needs some drops"
+
+    y, stats = apply(layer, x, seq_len=seq_len)
+    expected = ref_output(layer, x, dense_weights(choices, weights, n_experts, keep))
+    np.testing.assert_allclose(np.asarray(y), expected, **TOL)
+    np.testing.assert_allclose(float(stats.dropped), 1.0 - keep.mean(), atol=1e-6)
+
+
+@nnx.jit(static_argnames="seq_len")
+def _apply_counted(layer, x, counts, seq_len):
+    y, _, counts = layer(x, seq_len=seq_len, expert_counts=counts)
+    return y, counts
+
+
+def test_capacity_per_sequence_in_two_calls_equals_one():
+    # What cached decoding relies on: sequences run in two pieces, the second given the
+    # per-expert counts the first kept, give the one-call output (drops included).
+    seq_len, n_seqs, split = 8, 3, 5
+    layer = make_layer(num_experts=4, top_k=2, dispatch="capacity", capacity_factor=0.25)
+    x = tokens(seq_len * n_seqs, seed=3)
+    whole, stats = apply(layer, x, seq_len=seq_len)
+    assert float(stats.dropped) > 0
+    x_nsd = x.reshape(n_seqs, seq_len, -1)
+    counts = jnp.zeros((n_seqs, 4), jnp.int32)
+    first, counts = _apply_counted(layer, x_nsd[:, :split].reshape(-1, D_MODEL), counts, split)
+    rest, counts = _apply_counted(
+        layer, x_nsd[:, split:].reshape(-1, D_MODEL), counts, seq_len - split
+    )
+    pieces = jnp.concatenate(
+        [first.reshape(n_seqs, split, -1), rest.reshape(n_seqs, seq_len - split, -1)], axis=1
+    )
+    np.testing.assert_allclose(np.asarray(pieces).reshape(x.shape), np.asarray(whole), **TOL)
+    _, probs = ref_router(layer, x)
+    choices, _ = ref_topk(probs, 2, renormalize=True)
+    _, want_counts = ref_capacity_keep(choices, 4, seq_len, 4)  # C = ceil(2*32/4 * 0.25)
+    np.testing.assert_array_equal(np.asarray(counts), want_counts)
 
 
 # ------------------------------------------------------------------ losses and stats
@@ -563,8 +673,8 @@ def test_dispatch_and_combine_gradients_equal_plain_indexing(kind):
     n_tokens, k, n_experts, d = 12, 2, 4, 3
     experts = jax.random.randint(jax.random.key(0), (n_tokens, k), 0, n_experts + 1)
     if kind == "capacity":  # E marks padding; capacity 2 drops some assignments
-        rows, keep = dispatch.capacity_rows(experts, n_experts, 2)
-        layout = dispatch.layout_from_rows(rows, n_experts * 2)
+        placed = dispatch.capacity_rows(experts, n_experts, 2)
+        layout, keep = dispatch.layout_from_rows(placed.rows, placed.n_rows), placed.keep
     else:
         order = jnp.argsort(experts.reshape(-1), stable=True)
         layout, keep = dispatch.layout_from_order(order, k), experts < n_experts

@@ -54,30 +54,71 @@ def close(a, b, rtol=1e-4):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=0)
 
 
-MESHES = {
-    "data8": {"mesh.data": 8},
-    "data2_expert4": {"mesh.data": 2, "mesh.expert": 4},
-    "fsdp2_expert2_tensor2": {"mesh.data": 1, "mesh.fsdp": 2, "mesh.expert": 2, "mesh.tensor": 2},
+# Routing settings, each trained on one device and on meshes (tiny: 4 experts, top-2).
+ROUTING = {
+    "dropless": {},
+    # Drops assignments; capacity per sequence (the default group) sees the same groups on
+    # any mesh, because the batch is split by whole sequences.
+    "capacity": {"moe.dispatch": "capacity", "moe.capacity_factor": 1.0},
+    # Picks among the tokens of an expert group: those of one device only when mesh.expert
+    # covers every batch shard (data = fsdp = 1), as on its mesh below.
+    "expert_choice": {"moe.router": "expert_choice"},
+}
+
+MESHES = {  # name: (routing, mesh)
+    "data8": ("dropless", {"mesh.data": 8}),
+    "data2_expert4": ("dropless", {"mesh.data": 2, "mesh.expert": 4}),
+    "fsdp2_expert2_tensor2": (
+        "dropless",
+        {"mesh.data": 1, "mesh.fsdp": 2, "mesh.expert": 2, "mesh.tensor": 2},
+    ),
     # The GPU grouped matmul, here on fake CPU devices, against the CPU loop on one device.
-    "data2_expert4_batched": {"mesh.data": 2, "mesh.expert": 4, "moe.grouped_matmul": "batched"},
+    "data2_expert4_batched": (
+        "dropless",
+        {"mesh.data": 2, "mesh.expert": 4, "moe.grouped_matmul": "batched"},
+    ),
+    # One sequence per device, gathered in pairs by the expert axis.
+    "capacity_data2_fsdp2_expert2": (
+        "capacity",
+        {"mesh.data": 2, "mesh.fsdp": 2, "mesh.expert": 2},
+    ),
+    "expert_choice_expert4_tensor2": (
+        "expert_choice",
+        {"mesh.data": 1, "mesh.expert": 4, "mesh.tensor": 2},
+    ),
 }
 
 
 @pytest.mark.slow
 def test_same_losses_on_every_mesh_and_experts_are_split(tmp_path):
-    single = worker("train", 1, workdir=str(tmp_path / "single"), overrides={})
-    multi = worker("train_meshes", 8, workdir=str(tmp_path), meshes=MESHES)
-    assert len(single["losses"]) == 5
+    """Dropless and capacity-per-sequence training give the single-device losses on any
+    mesh; expert choice does where mesh.expert covers all batch shards (its mesh here)."""
+    single = worker("train_meshes", 1, workdir=str(tmp_path / "single"), meshes=ROUTING)
+    meshes = {name: {**ROUTING[routing], **mesh} for name, (routing, mesh) in MESHES.items()}
+    multi = worker("train_meshes", 8, workdir=str(tmp_path), meshes=meshes)
+    assert all(len(res["losses"]) == 5 for res in single.values())
+    assert min(single["capacity"]["dropped"]) > 0, "capacity should drop assignments"
     for name, res in multi.items():
-        close(res["losses"], single["losses"])  # float32, 1e-4 relative
+        want = single[MESHES[name][0]]
+        close(res["losses"], want["losses"])  # float32, 1e-4 relative
+        close(res["dropped"], want["dropped"])
         held = res["experts_held"]
         assert len(held) == 8
-        expert_size = MESHES[name].get("mesh.expert", 1)
+        expert_size = meshes[name].get("mesh.expert", 1)
         n = res["num_experts"]
         for experts in held.values():
             assert len(experts) == n // expert_size, (name, held)
         # Together the devices hold every expert.
         assert sorted({e for ex in held.values() for e in ex}) == list(range(n))
+
+
+@pytest.mark.slow
+def test_cached_decoding_with_capacity_per_sequence_on_an_expert_mesh():
+    """The cache's per-expert counts go through the expert group's gather and scatter:
+    prefill then one token at a time gives the full forward's logits, with drops."""
+    res = worker("decode", 8, mesh={"mesh.data": 2, "mesh.expert": 4})
+    assert res["dropped"] > 0, "every MoE layer should drop assignments"
+    assert res["max_diff"] < 1e-4, res
 
 
 @pytest.mark.slow
