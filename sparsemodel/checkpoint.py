@@ -231,11 +231,14 @@ class Checkpointer:
 
     # ----------------------------------------------------------------------- reading
 
-    def meta(self, step: int) -> dict[str, Any]:
-        """The step's meta, upgraded to FORMAT; CheckpointError when it cannot be read."""
+    def _require(self, step: int) -> None:
         if step not in self.steps():
             have = ", ".join(map(str, self.steps())) or "none"
             raise CheckpointError(f"--step {step}: no such checkpoint (have: {have})")
+
+    def meta(self, step: int) -> dict[str, Any]:
+        """The step's meta, upgraded to FORMAT; CheckpointError when it cannot be read."""
+        self._require(step)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
             meta = dict(out["meta"])
@@ -347,6 +350,7 @@ class Checkpointer:
             want = self.latest_step() if step is None else step
             if want is None:
                 raise CheckpointError(f"{self.directory.parent}: holds no checkpoint yet")
+            self._require(want)
             try:
                 params, _, meta = self.restore(want, abstract_params, model=model)
                 return want, params, meta

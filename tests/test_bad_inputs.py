@@ -226,8 +226,8 @@ BAD = [
     ("eval --workdir {w} --data {t}/none.txt", "data.source: {t}/none.txt does not exist"),
     (
         "train --config tiny --workdir {w} --set moe.num_experts=8",
-        "moe.num_experts: 8 differs "
-        "from the checkpointed model's 4 (use a new --workdir, or the workdir's config.yaml)",
+        "checkpoint step 2 in {w} holds another model than the config: moe.num_experts=8 "
+        "(checkpoint: 4) (use a new --workdir, or the config the checkpoint was trained with)",
     ),
     # --- Hugging Face import and export
     (
