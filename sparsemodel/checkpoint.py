@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,37 @@ def _skip_tensorstore_io_metrics() -> None:
 
 
 _skip_tensorstore_io_metrics()
+
+
+class _DropOrbaxErrors(logging.Filter):
+    """Orbax logs every failure of a background save, with its traceback, from each of its
+    threads (hundreds of lines for one full disk), and asyncio logs its failed write tasks
+    again at exit; Checkpointer raises the failure as one line, so the copies are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from_orbax = "/orbax/" in record.pathname or "orbax" in record.getMessage()
+        return not (record.levelno >= logging.ERROR and from_orbax)
+
+
+for _name in ("absl", "asyncio"):
+    logging.getLogger(_name).addFilter(_DropOrbaxErrors())
+
+
+def _drop_closed_loop_callbacks(previous=sys.unraisablehook):
+    """After a failed save, TensorStore completes the writes Orbax abandoned and calls back
+    into Orbax's closed event loop, printing a traceback per write: those are dropped."""
+
+    def hook(unraisable):
+        closed = isinstance(unraisable.exc_value, RuntimeError) and (
+            str(unraisable.exc_value) == "Event loop is closed"
+        )
+        if not closed:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
+_drop_closed_loop_callbacks()
 
 
 class CheckpointError(RuntimeError):
@@ -336,9 +368,7 @@ class Checkpointer:
         name = "params/" + "/".join(map(str, path))
         expected = meta.get("checksums", {}).get(name)
         if expected is not None and expected != checksum.hex_of(checksum.numpy_checksum(out)):
-            raise CheckpointError(
-                f"checkpoint step {step} is damaged: {name} does not match its checksum"
-            )
+            raise CheckpointError(f"checkpoint step {step} is damaged: {name} fails its checksum")
         return out
 
     def read(self, step: int | None, abstract_params, model=None):

@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from sparsemodel import host_heap
@@ -263,9 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("train", "profile"):  # commands that run many steps
         host_heap.keep_freed_heap()  # before JAX starts its threads
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _interrupt_once)
     from sparsemodel.checkpoint import CheckpointError
     from sparsemodel.config import ConfigError
     from sparsemodel.data import DataError
+    from sparsemodel.files import StorageError
     from sparsemodel.train import TrainingError
 
     try:
@@ -281,6 +286,21 @@ def main(argv: list[str] | None = None) -> int:
         return _exit(2, f"sparsemodel: error: {e}")
     except TrainingError as e:
         return _exit(1, f"sparsemodel: training stopped: {e}")
+    except StorageError as e:
+        return _exit(1, f"sparsemodel: error: {e}")
+    except KeyboardInterrupt:
+        # Leave without unwinding: interpreter shutdown while XLA's and Orbax's threads run
+        # printed their tracebacks (and could crash); nothing is half-written here, since
+        # the training loop turns Ctrl-C into a checkpoint and a clean exit itself.
+        print("sparsemodel: interrupted", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)
+
+
+def _interrupt_once(_signum, _frame):
+    """The first Ctrl-C interrupts; later ones are ignored while the command exits."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def _exit(code: int, message: str) -> int:

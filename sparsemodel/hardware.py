@@ -89,14 +89,24 @@ def measured_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
 
 
 def host_memory_available() -> int | None:
-    """Bytes of RAM the kernel can hand out without swapping (MemAvailable); None where
-    there is no /proc/meminfo."""
+    """Bytes of RAM the kernel can hand out without swapping (MemAvailable), lowered to
+    what a cgroup's memory limit leaves; None where there is no /proc/meminfo."""
     try:
         text = Path("/proc/meminfo").read_text()
     except OSError:
         return None
     found = re.search(r"^MemAvailable:\s+(\d+) kB", text, re.MULTILINE)
-    return int(found.group(1)) * 1024 if found else None
+    if not found:
+        return None
+    available = int(found.group(1)) * 1024
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
 
 
 def device_memory_available() -> tuple[int, str] | None:

@@ -550,6 +550,7 @@ def export_hf(
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise CheckpointError(f"--workdir {workdir}: holds no checkpoint yet")
+    _check_checkpoint_holds(ckpt, step, cfg)
 
     todo = sorted(
         slots(cfg), key=lambda s: tuple(map(str, s.leaf))
@@ -592,6 +593,15 @@ def export_hf(
             shutil.copyfile(workdir / "tokenizer.json", build / "tokenizer.json")
             names.append("tokenizer.json")
     return [out / name for name in names]
+
+
+def _check_checkpoint_holds(ckpt, step: int, cfg: Config) -> None:
+    """ConfigError unless checkpoint `step` holds cfg's model (an edited config.yaml)."""
+    from sparsemodel import sharding
+    from sparsemodel.params import abstract_params
+
+    _, target = abstract_params(cfg, sharding.make_mesh(config_lib.MeshConfig()))
+    ckpt.check_model(step, ckpt.meta(step), target, cfg)
 
 
 def _hf_shape(name: str, cfg: Config) -> tuple[int, ...]:

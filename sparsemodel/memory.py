@@ -8,51 +8,19 @@ what the step cannot avoid holding, so it refuses nothing that could run:
   attention    one layer's [B, H, S, S] float32 scores (absent where attention is fused)
   residuals    the residual stream each layer saves for the backward pass
 Available: the host's available memory on CPU (all local devices share it), the device's
-own limit on accelerators.
+free memory on accelerators (hardware.device_memory_available).
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from sparsemodel import sharding
+from sparsemodel import hardware, sharding
 from sparsemodel.config import Config, ConfigError
 from sparsemodel.params import abstract_params
-
-
-def host_available_bytes() -> int | None:
-    """MemAvailable (Linux), lowered to the cgroup's limit left when one is set."""
-    try:
-        meminfo = Path("/proc/meminfo").read_text()
-        kib = next(
-            int(ln.split()[1]) for ln in meminfo.splitlines() if ln.startswith("MemAvailable")
-        )
-    except (OSError, StopIteration, ValueError):
-        return None
-    available = kib * 1024
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-        if limit != "max":
-            available = min(available, int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return available
-
-
-def available_bytes() -> tuple[int | None, str]:
-    """(bytes the local devices can hold, where the number comes from)."""
-    device = jax.local_devices()[0]
-    if device.platform == "cpu":
-        return host_available_bytes(), "available on this host"
-    stats = device.memory_stats() or {}
-    limit = stats.get("bytes_limit")
-    total = None if limit is None else limit * jax.local_device_count()
-    return total, f"on the {jax.local_device_count()} local {device.device_kind} device(s)"
 
 
 def training_parts(cfg: Config, mesh, state_bytes: int) -> dict[str, tuple[int, str]]:
@@ -81,23 +49,21 @@ def training_parts(cfg: Config, mesh, state_bytes: int) -> dict[str, tuple[int, 
 
 def check_training_fits(cfg: Config, mesh) -> None:
     """ConfigError (one line, with the estimate) when a training step cannot fit in memory."""
-    available, where = available_bytes()
+    available = hardware.device_memory_available()
     if available is None:
         return
+    free, what = available
     _, target = abstract_params(cfg, mesh)
     # Parameters, their gradients and AdamW's two moments, all sharded alike.
     parts = training_parts(cfg, mesh, 4 * sharding.bytes_per_device(target))
-    per_device = sum(b for b, _ in parts.values())
-    local = jax.local_device_count()
-    needed = per_device * local
-    if needed <= available:
+    # CPU devices share the host's memory; an accelerator's is its own.
+    sharing = jax.local_device_count() if jax.devices()[0].platform == "cpu" else 1
+    needed = sharing * sum(b for b, _ in parts.values())
+    if needed <= free:
         return
     part, (size, keys) = max(parts.items(), key=lambda kv: kv[1][0])
     raise ConfigError(
-        f"{keys}: a training step needs at least {_gib(needed)} ({part} {_gib(size * local)}), "
-        f"more than the {_gib(available)} {where}"
+        f"{keys}: a training step needs at least {hardware.format_bytes(needed)} ({part} "
+        f"{hardware.format_bytes(sharing * size)}), more than the "
+        f"{hardware.format_bytes(free)} of {what}"
     )
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:,.1f} GiB"

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsemodel import data as data_lib
-from sparsemodel import flops, hardware, hlo_flops, optim, params, sharding
+from sparsemodel import flops, hardware, hlo_flops, memory, optim, params, sharding
 from sparsemodel.config import Config
 from sparsemodel.train import load_tokenized_corpus, make_train_step
 from sparsemodel.unroll import unrolled_loops
@@ -76,6 +76,7 @@ def profile(
         return report
 
     mesh = sharding.make_mesh(cfg.mesh)
+    memory.check_training_fits(cfg, mesh)
     report["mesh"] = dict(mesh.shape)
     with jax.set_mesh(mesh):
         batch = _real_batch(cfg, mesh, workdir)  # first: bad data stops before any compile
