@@ -31,15 +31,18 @@ from sparsemodel import (
     flops,
     hardware,
     host_heap,
+    initialize,
+    kernels,
     moe,
     optim,
-    params,
     sharding,
-    train,
+    steps,
 )
 from sparsemodel.grouped_matmul import (
-    ExpertStack,
-    grouped_swiglu,
+    StackedExperts,
+    expert_rows,
+    loop_swiglu,
+    smallest_block,
     swiglu_backward,
     swiglu_forward,
 )
@@ -51,14 +54,14 @@ def _train_step_runner(cfg):
     """A compiled train step on a fixed batch: a zero-argument callable timing one step."""
     mesh = sharding.make_mesh(cfg.mesh)
     with jax.set_mesh(mesh):
-        graphdef, p = params.init_params(cfg, mesh, 0)
+        graphdef, p = initialize.init_params(cfg, mesh, 0)
         tx = optim.make_optimizer(cfg.train)
-        o = params.init_opt_state(tx, p, mesh)
+        o = initialize.init_opt_state(tx, p, mesh)
         rng = np.random.default_rng(0)
         batch = sharding.put_batch(
             rng.integers(0, 256, (cfg.train.batch_size, cfg.train.seq_len + 1), np.int32), mesh
         )
-        step = jax.jit(train.make_train_step(graphdef, cfg, tx), donate_argnums=(0, 1))
+        step = jax.jit(steps.make_train_step(graphdef, cfg, tx), donate_argnums=(0, 1))
         compiled = step.lower(p, o, batch, jnp.int32(1)).compile()
     return _donated_runner(lambda po: compiled(*po, batch, jnp.int32(1))[:2], (p, o))
 
@@ -89,8 +92,9 @@ def _layer_runner(cfg, tokens: int):
             from sparsemodel.moe import Collectives, moe_forward
 
             mask = jnp.ones((tokens,), bool)
-            y, stats, _ = moe_forward(cfg, Collectives(), w, x, mask, seq_len=tokens)
-            return jnp.sum(y * y) + stats.lb_loss
+            kern = kernels.choose(cfg)
+            out = moe_forward(cfg, kern, Collectives(), w, x, mask, seq_len=tokens)
+            return jnp.sum(out.y * out.y) + out.stats.lb_loss
     else:
         d, f = cfg.model.d_model, cfg.moe.top_k * cfg.moe.d_expert
         k = jax.random.split(jax.random.key(2), 3)
@@ -132,25 +136,27 @@ def _layer_part_runners(cfg, tokens: int) -> dict:
     def router(w_router, x):
         logits, probs = moe.route(cfg, w_router, x)
         r = moe.top_k_routing(probs, mask, e.top_k, e.renormalize)
-        stats = moe.router_stats(logits, probs, r, mask)
+        load = jnp.zeros((e.num_experts + 1,), jnp.float32).at[r.experts].add(1.0)
+        served = moe.Served(x, load[: e.num_experts], jnp.float32(0), jnp.sum(mask))
+        stats = moe.router_stats(logits, probs, mask, served)
         return jnp.sum(r.weights) + stats.lb_loss + stats.z_loss
 
     _, probs = moe.route(cfg, w["router"], x)
     routing = moe.top_k_routing(probs, mask, e.top_k, e.renormalize)
 
     def layout(experts):
-        blocks = dispatch.block_rows(experts, e.num_experts, dispatch.small_block(e.block_size))
-        n_rows = blocks.block_expert.shape[0] * dispatch.small_block(e.block_size)
-        return blocks, dispatch.layout_from_rows(blocks.rows, n_rows)
+        rows = expert_rows(experts, e.num_experts, smallest_block(e.block_size))
+        n_rows = rows.block_expert.shape[0] * smallest_block(e.block_size)
+        return rows, dispatch.layout_from_rows(rows.rows, n_rows)
 
-    blocks, lay = jax.jit(layout)(routing.experts)
-    xr = dispatch.dispatch(x, lay)
+    rows, lay = jax.jit(layout)(routing.experts)
+    xr = dispatch.gather_rows(x, lay)
     sq = lambda f: lambda *a: jnp.sum(f(*a) ** 2)  # noqa: E731
-    experts = sq(lambda x, *w: grouped_swiglu(x, blocks, e.block_size, ExpertStack.single(*w)))
+    experts = sq(lambda x, *w: loop_swiglu(x, rows, e.block_size, StackedExperts.single(*w))[0])
     return {
         "router": _runner(jax.jit(jax.grad(router, (0, 1))), w["router"], x),
         "layout": _runner(jax.jit(layout), routing.experts),
-        "dispatch": _runner(jax.jit(jax.grad(sq(dispatch.dispatch))), x, lay),
+        "dispatch": _runner(jax.jit(jax.grad(sq(dispatch.gather_rows))), x, lay),
         "experts": _runner(
             jax.jit(jax.grad(experts, (0, 1, 2, 3))), xr, w["gate"], w["up"], w["down"]
         ),
@@ -164,9 +170,9 @@ def _optimizer_runner(cfg):
     """One AdamW update (with clipping) of cfg's parameters: its cost grows with total, not
     active, parameters."""
     mesh = sharding.make_mesh(cfg.mesh)
-    _, p = params.init_params(cfg, mesh, 0)
+    _, p = initialize.init_params(cfg, mesh, 0)
     tx = optim.make_optimizer(cfg.train)
-    o = params.init_opt_state(tx, p, mesh)
+    o = initialize.init_opt_state(tx, p, mesh)
     g = jax.tree.map(lambda a: jnp.full_like(a, 1e-3), p)
 
     def update(state, g):
@@ -231,7 +237,7 @@ def _expert_scaling(small, tokens: int, repeats: int):
     )
     figures["optimizer_ms_e32_e4"] = [opt["e32"] * 1e3, opt["e4"] * 1e3]
     layer = alternate({"e32": _layer_runner(e32, tokens), "e4": _layer_runner(e4, tokens)}, repeats)
-    n_rows, n_moe = tokens * small.moe.top_k, small.layer_kinds().count("moe")
+    n_rows, n_moe = tokens * small.moe.top_k, small.layer_plan().kinds().count("moe")
     block = {c: min(small.moe.block_size, n_rows // c.moe.num_experts) for c in (e32, e4)}
     mm = alternate({c: _expert_matmul_runner(small, n_rows, block[c]) for c in (e32, e4)}, repeats)
     extra_params = flops.param_counts(e32).total - flops.param_counts(e4).total
@@ -300,7 +306,7 @@ def alternate(runners: dict, repeats: int) -> dict[str, float]:
 
 
 def _decode_tokens_per_s(workdir_cfg, batch: int, new_tokens: int = 64) -> float:
-    lm = nnx.merge(*params.init_params(workdir_cfg, sharding.make_mesh(workdir_cfg.mesh), 0))
+    lm = nnx.merge(*initialize.init_params(workdir_cfg, sharding.make_mesh(workdir_cfg.mesh), 0))
     prompt = jnp.ones((batch, 16), jnp.int32)
     key = jax.random.key(0)
     jax.block_until_ready(evaluate.sample(lm, prompt, new_tokens, 0.8, 0, key))

@@ -25,7 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from sparsemodel import config, optim, params, sharding, train
+from sparsemodel import config, initialize, optim, sharding, train
 from sparsemodel.checkpoint import Checkpointer
 
 OUT = Path(__file__).parent / "results"
@@ -35,8 +35,8 @@ def save_blocking_s(async_save: bool, repeats: int = 5) -> float:
     """Median time `save` blocks the caller, for the tiny model's full training state."""
     cfg = config.load("tiny")
     mesh = sharding.make_mesh(cfg.mesh)
-    _, p = params.init_params(cfg, mesh, 0)
-    o = params.init_opt_state(optim.make_optimizer(cfg.train), p, mesh)
+    _, p = initialize.init_params(cfg, mesh, 0)
+    o = initialize.init_opt_state(optim.make_optimizer(cfg.train), p, mesh)
     workdir = Path(tempfile.mkdtemp())
     ckpt = Checkpointer(workdir, keep=2, async_save=async_save)
     times = []

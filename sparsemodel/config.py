@@ -15,7 +15,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 
@@ -111,7 +111,7 @@ class MoEConfig:
     router: Literal["topk", "expert_choice"] = "topk"
     dispatch: Literal["dropless", "capacity"] = "dropless"
     grouped_matmul: Literal["auto", "blocks", "batched", "ragged_dot"] = "auto"
-    block_size: int = 128  # largest CPU block (smallest: dispatch.small_block); GPU: every block
+    block_size: int = 128  # rows per block of the grouped matmul (CPU: the largest block)
     capacity_factor: float = 1.25
     # Capacity dispatch's group: "sequence" gives each sequence C = ceil(k * train.seq_len / E
     # * capacity_factor) slots per expert, filled in position order (causal, independent of
@@ -164,6 +164,21 @@ class MeshConfig:
     tensor: int = 1
 
 
+class LayerPlan(NamedTuple):
+    """The layers as the model scans them: `prefix` dense layers (moe.first_dense), then
+    `repeats` passes over `unique_units` units of `unit` layers each (with
+    model.share_layers, units are reused: fewer parameters, the same FLOPs)."""
+
+    prefix: int
+    unit: tuple[str, ...]  # 'dense' or 'moe' for each layer of one unit
+    unique_units: int
+    repeats: int
+
+    def kinds(self) -> list[str]:
+        """'dense' or 'moe' for every layer, in order."""
+        return ["dense"] * self.prefix + list(self.unit) * (self.unique_units * self.repeats)
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -176,14 +191,14 @@ class Config:
     def is_moe(self) -> bool:
         return self.moe.num_experts > 0
 
-    def layer_kinds(self) -> list[str]:
-        """'dense' or 'moe' for each layer, from `moe.first_dense` and `moe.every`."""
-        kinds = []
-        for i in range(self.model.n_layers):
-            j = i - self.moe.first_dense
-            is_moe = self.is_moe and j >= 0 and (j + 1) % self.moe.every == 0
-            kinds.append("moe" if is_moe else "dense")
-        return kinds
+    def layer_plan(self) -> LayerPlan:
+        """How the layers stack into the model's scanned units (see model.py)."""
+        m, moe_cfg = self.model, self.moe
+        prefix = moe_cfg.first_dense if self.is_moe else 0
+        unit = ("dense",) * (moe_cfg.every - 1) + ("moe",) if self.is_moe else ("dense",)
+        n_units = (m.n_layers - prefix) // len(unit)
+        unique = m.share_layers // len(unit) if m.share_layers else n_units
+        return LayerPlan(prefix, unit, unique, n_units // unique)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

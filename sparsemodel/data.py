@@ -27,9 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grain
+import jax
 import numpy as np
 
 from sparsemodel import hardware
+from sparsemodel import tokenizer as tokenizer_lib
+from sparsemodel.config import Config
 
 
 class DataError(ValueError):
@@ -220,6 +223,33 @@ def unigram_entropy(tokens: np.ndarray) -> float:
     counts = np.bincount(tokens.astype(np.int64))
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
+
+
+def load_tokenized_corpus(cfg: Config, workdir: Path, log=print) -> Corpus:
+    """The corpus in the workdir's tokenizer's ids (training the tokenizer the first time).
+
+    With several processes, process 0 trains and writes tokenizer.json and the token
+    cache; the others wait at a barrier, then read the same file (shared workdir).
+    """
+    raw = load_corpus(cfg.data.source, cfg.data.val_fraction)
+    is_lead = jax.process_index() == 0
+    tok = tokenizer_lib.for_workdir(
+        cfg,
+        workdir,
+        lambda: training_bytes(raw, cfg.data.source),
+        is_lead=is_lead,
+        wait=_barrier("tokenizer.json"),
+        log=log,
+    )
+    return tokenize(raw, tok, workdir, write=is_lead, log=log)
+
+
+def _barrier(name: str):
+    if jax.process_count() == 1:
+        return lambda: None
+    from jax.experimental import multihost_utils
+
+    return lambda: multihost_utils.sync_global_devices(name)
 
 
 # ------------------------------------------------------------------------- pipeline

@@ -101,77 +101,28 @@ def capacity_rows(
     )
 
 
-def small_block(block: int) -> int:
-    """The smallest block of the CPU grouped matmul: each expert's rows are padded to a
-    multiple of it, whole blocks do the bulk and the rest runs in one block of its size
-    (grouped_matmul._each_block, one `cond` per multiple of it below the block).
-
-    It is block / 2^j, so that the block's halvings (taken when decoding a few tokens)
-    are multiples of it too: block/4 where that divides, then halved down to 32 rows, so
-    that large blocks (fewer, faster matmuls) cost no more padding than blocks of 128,
-    but not below block/16, so that the rest has at most 15 sizes to compile."""
-    small = block
-    for _ in range(2):
-        small = small // 2 if small % 2 == 0 else small
-    while small > 32 and small % 2 == 0 and small > block // 16:
-        small //= 2
-    return small
-
-
-class Blocks(NamedTuple):
-    """Dropless layout: each expert's rows contiguous, padded to a multiple of `unit` rows
-    (U; the CPU loops use `small_block`), in a buffer of R = ceil(A/U)*U + E*U rows."""
-
-    rows: jax.Array  # [T, k] row of each assignment in the buffer; R = none
-    start: jax.Array  # [E] first row of each expert (a multiple of U)
-    padded: jax.Array  # [E] rows of each expert, padding included (a multiple of U)
-    block_expert: jax.Array  # [R/U] expert of each U-row block
-    n_used: jax.Array  # [] U-blocks in use; the rest are padding
-
-
-def block_rows(experts_tk, n_experts: int, unit: int) -> Blocks:
-    """Places each expert's assignments contiguously, in token-major order."""
-    flat_e = experts_tk.reshape(-1)
-    n_assign = flat_e.shape[0]
-    n_blocks = -(-n_assign // unit) + n_experts  # static bound on sum_e ceil(count_e / U)
-    rank, counts = rank_within_expert(flat_e, n_experts)
-    blocks_e = -(-counts[:n_experts] // unit)  # [E] U-blocks per expert
-    end = jnp.cumsum(blocks_e)  # [E]
-    start = (end - blocks_e) * unit
-    safe_e = jnp.minimum(flat_e, n_experts - 1)
-    rows = jnp.where(flat_e < n_experts, start[safe_e] + rank, n_blocks * unit)
-    block_expert = jnp.searchsorted(end, jnp.arange(n_blocks), side="right")
-    return Blocks(
-        rows.reshape(experts_tk.shape).astype(jnp.int32),
-        start.astype(jnp.int32),
-        (blocks_e * unit).astype(jnp.int32),
-        jnp.minimum(block_expert, n_experts - 1).astype(jnp.int32),
-        end[-1],
-    )
-
-
 def _take(x, idx):
     """x[idx] along axis 0, zeros where idx is out of range (the 'none' markers)."""
     return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
 
 
 @jax.custom_vjp
-def dispatch(x_td, layout: Layout):
+def gather_rows(x_td, layout: Layout):
     """Buffer [R, D] whose row r holds the features of the token assigned to it (or 0)."""
     return _take(x_td, layout.source // layout.rows.shape[1])
 
 
-def _dispatch_fwd(x_td, layout):
-    return dispatch(x_td, layout), layout
+def _gather_rows_fwd(x_td, layout):
+    return gather_rows(x_td, layout), layout
 
 
-def _dispatch_bwd(layout, d_rd):
+def _gather_rows_bwd(layout, d_rd):
     t, k = layout.rows.shape
     d_tkd = _take(d_rd, layout.rows.reshape(-1)).reshape(t, k, -1)  # [T, k, D]
     return d_tkd.sum(1), None
 
 
-dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
 @jax.custom_vjp

@@ -24,8 +24,8 @@ from sparsemodel import hardware, sharding
 from sparsemodel import tokenizer as tokenizer_lib
 from sparsemodel.checkpoint import Checkpointer, CheckpointError
 from sparsemodel.config import Config, ConfigError, MeshConfig
-from sparsemodel.params import abstract_params
-from sparsemodel.train import evaluate_batches, make_eval_step
+from sparsemodel.initialize import abstract_params
+from sparsemodel.steps import evaluate_batches, make_eval_step
 
 
 @dataclass

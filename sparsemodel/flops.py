@@ -40,7 +40,7 @@ def _layer_params(cfg: Config, kind: str) -> dict[str, int]:
 
 def param_counts(cfg: Config) -> ParamCounts:
     m, e = cfg.model, cfg.moe
-    kinds = cfg.layer_kinds()
+    kinds = cfg.layer_plan().kinds()
     per_layer = [_layer_params(cfg, k) for k in kinds]
     embed = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
 

@@ -1,84 +1,127 @@
 """Grouped SwiGLU: each expert's contiguous rows through that expert's weights (dropless
-dispatch; `moe.grouped_matmul`). On CPU ('blocks') the layout (dispatch.block_rows) pads
-each expert's rows to a multiple of the small block S = dispatch.small_block(block)
-(block/4, then down to 32 rows but not below block/16), in two forms of the same maths:
+dispatch). The row layout (`ExpertRows`, from `expert_rows`) pads each expert's rows to a
+multiple of a block of rows; three forms of the same maths run it (kernels.choose picks):
 
-  expert_swiglu  what training runs: a loop over experts; each expert's rows go in whole
-                 blocks of `block` rows, then the rest in one block of its size.
-                 Few, large blocks matter on CPU: every block also reads its expert's
+  loop_swiglu    'blocks', what CPU training runs: a loop over experts; each expert's rows
+                 go in whole blocks of `block_size` rows, then the rest in one block of its
+                 size. Few, large blocks matter on CPU: every block also reads its expert's
                  weights and adds a [D, F] gradient, which costs memory traffic whatever
                  the block's size, and XLA:CPU's matmuls run slower on fewer rows.
-  block_swiglu   a scan over the static bound of R/S blocks of S rows, padding blocks
-                 skipped by a `cond`. XLA's cost analysis cannot count loops with dynamic
-                 trip counts, so `unrolled_loops()` (profile's FLOP count) traces this form.
+  scan_swiglu    'block_scan', the same on a static bound of blocks of the smallest size,
+                 padding blocks skipped by a `cond`: the form profile's FLOP count traces
+                 (XLA's cost analysis cannot count loops with dynamic trip counts).
+  batched_swiglu 'batched', GPU: every block of `block_size` rows in one batched matmul
+                 (GPU loops are slow: a host round trip per trip).
 
 Why hand-written backward passes: differentiating a loop that indexes `w[e]` makes XLA add
 a full-size [E, D, F] cotangent into the gradient on every iteration (O(E*D*F) memory
 traffic per block). Here each block adds its weight gradient in place into its expert's
-slice, so the backward pass costs what the blocks' matmuls cost. expert_swiglu reads the
-weights of one layer of a stacked [U, E, D, F] stack and writes that layer's gradient
-into the cotangent of a carried "sink" (ExpertStack): the layer scan then never copies a
-layer's experts out of the stack or its gradient into it.
+slice, so the backward pass costs what the blocks' matmuls cost.
 
-On GPU ('batched', at the end of this file) each expert is padded to whole blocks and all
-blocks run as one batched matmul: GPU loops are slow (a host round trip per trip).
+loop_swiglu reads one layer of the stacked [U, E, D, F] weights of every scanned layer
+(`StackedExperts`) and returns the stack with that layer's gradient "sink": the layer scan
+then never copies a layer's experts out of the stack, nor its gradient into it.
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from sparsemodel.dispatch import Blocks, small_block
-from sparsemodel.unroll import scan_unroll, unrolling
+from sparsemodel.dispatch import rank_within_expert
+
+# ------------------------------------------------------------------------ the layout
 
 
-class ExpertStack:
-    """Every scanned layer's expert weights, read in place, and the buffer their gradient
-    is written into: the layer scan's way of not copying them (model.Transformer._scan).
+def smallest_block(block: int) -> int:
+    """The smallest block of the CPU loop: each expert's rows are padded to a multiple of
+    it, whole blocks do the bulk and the rest runs in one block of its size (one `cond`
+    per multiple of it below the block).
+
+    It is block / 2^j, so that the block's halvings (taken when decoding a few tokens)
+    are multiples of it too: block/4 where that divides, then halved down to 32 rows, so
+    that large blocks (fewer, faster matmuls) cost no more padding than small ones, but not
+    below block/16, so that the rest has at most 15 sizes to compile."""
+    small = block
+    for _ in range(2):
+        small = small // 2 if small % 2 == 0 else small
+    while small > 32 and small % 2 == 0 and small > block // 16:
+        small //= 2
+    return small
+
+
+class ExpertRows(NamedTuple):
+    """Dropless layout: each expert's rows contiguous, padded to a multiple of `unit` rows
+    (U), in a buffer of R = ceil(A/U)*U + E*U rows."""
+
+    rows: jax.Array  # [T, k] row of each assignment in the buffer; R = none
+    start: jax.Array  # [E] first row of each expert (a multiple of U)
+    padded: jax.Array  # [E] rows of each expert, padding included (a multiple of U)
+    block_expert: jax.Array  # [R/U] expert of each U-row block
+    n_used: jax.Array  # [] U-blocks in use; the rest are padding
+
+
+def expert_rows(experts_tk, n_experts: int, unit: int) -> ExpertRows:
+    """Places each expert's assignments contiguously, in token-major order."""
+    flat_e = experts_tk.reshape(-1)
+    n_assign = flat_e.shape[0]
+    n_blocks = -(-n_assign // unit) + n_experts  # static bound on sum_e ceil(count_e / U)
+    rank, counts = rank_within_expert(flat_e, n_experts)
+    blocks_e = -(-counts[:n_experts] // unit)  # [E] U-blocks per expert
+    end = jnp.cumsum(blocks_e)  # [E]
+    start = (end - blocks_e) * unit
+    safe_e = jnp.minimum(flat_e, n_experts - 1)
+    rows = jnp.where(flat_e < n_experts, start[safe_e] + rank, n_blocks * unit)
+    block_expert = jnp.searchsorted(end, jnp.arange(n_blocks), side="right")
+    return ExpertRows(
+        rows.reshape(experts_tk.shape).astype(jnp.int32),
+        start.astype(jnp.int32),
+        (blocks_e * unit).astype(jnp.int32),
+        jnp.minimum(block_expert, n_experts - 1).astype(jnp.int32),
+        end[-1],
+    )
+
+
+class StackedExperts(NamedTuple):
+    """Every scanned layer's expert weights, read in place, and the sink their gradient
+    arrives in: the layer scan's way of not copying them (model.Transformer._scan).
 
     A layer scan that takes the stacked [U, E, D, F] weights as its per-layer inputs copies
     each layer's [E, D, F] slice out of the stack in both passes, and its backward writes
     each layer's gradient into a zero-filled buffer and then copies it into the stacked
     gradient: whole-weight traffic that grows with the number of experts, not with the
-    tokens (~130 ms of a 1.1 s step of `small` with 32 experts). Here the kernel reads
-    weights[layer, e] where they lie, and the scan carries `sink`, an array that the
-    forward passes through unchanged and whose cotangent the backward fills in place,
-    one [D, F] block per expert and layer: the cotangent arriving at the scan's initial
-    carry is the whole stack's weight gradient. No gradient flows through `weights`
-    (stop_gradient); all of it goes through `sink`.
-
-    A mutable holder: the kernel's call site stores the new sink in it, and the scan body
-    that made it reads it back, in the same trace.
+    tokens. Here the kernel reads weights[layer, e] where they lie, and the scan carries
+    `sink`, arrays that the forward passes through unchanged and whose cotangent the
+    backward fills in place, one [D, F] block per expert and layer: the cotangent arriving
+    at the scan's initial carry is the whole stack's weight gradient. No gradient flows
+    through `weights` (stop_gradient); all of it goes through `sink`.
     """
 
-    def __init__(self, weights, layer, sink):
-        self.weights = tuple(jax.lax.stop_gradient(w) for w in weights)  # gate, up, down
-        self.layer = layer  # int32 []
-        self.sink = tuple(sink)
+    weights: tuple  # gate, up, down: [U, E, D, F], [U, E, D, F], [U, E, F, D]
+    layer: jax.Array  # int32 []: the layer being run
+    sink: tuple  # the same arrays as the gradient's way back
 
     @classmethod
-    def single(cls, w_gate, w_up, w_down) -> ExpertStack:
+    def of(cls, weights, layer, sink=None) -> StackedExperts:
+        sink = tuple(weights) if sink is None else tuple(sink)
+        return cls(tuple(jax.lax.stop_gradient(w) for w in weights), layer, sink)
+
+    @classmethod
+    def single(cls, w_gate, w_up, w_down) -> StackedExperts:
         """One layer's weights [E, D, F] as a stack of one."""
-        weights = tuple(w[None] for w in (w_gate, w_up, w_down))
-        return cls(weights, jnp.int32(0), weights)
+        return cls.of(tuple(w[None] for w in (w_gate, w_up, w_down)), jnp.int32(0))
 
 
-def grouped_swiglu(x_rd, blocks: Blocks, block: int, experts: ExpertStack):
-    """x_rd [R, D] rows laid out by `blocks`, through layer `experts.layer` of the stack.
-    Returns [R, D]; padding rows are zeros. Updates experts.sink."""
-    if unrolling():
-        small = small_block(block)
-        x_nsd = x_rd.reshape(-1, small, x_rd.shape[-1])  # [R/S, S, D]
-        w = [s[experts.layer] for s in experts.sink]  # one layer, with its gradient
-        y = block_swiglu(x_nsd, blocks.block_expert, blocks.n_used, *w)
-        return y.reshape(x_rd.shape)
-    y, experts.sink = expert_swiglu(
-        x_rd, blocks.start, blocks.padded, *experts.weights, experts.layer, *experts.sink, block
+def loop_swiglu(x_rd, rows: ExpertRows, block: int, experts: StackedExperts):
+    """x_rd [R, D] laid out by `rows`, through layer `experts.layer` of the stack.
+    Returns y [R, D] (padding rows are zeros) and the stack with its new sink."""
+    y, sink = expert_swiglu(
+        x_rd, rows.start, rows.padded, *experts.weights, experts.layer, *experts.sink, block
     )
-    return y
+    return y, experts._replace(sink=sink)
 
 
 def swiglu_forward(xb, wg, wu, wd):
@@ -113,11 +156,8 @@ def _each_block(start, n_rows, block: int, body, carry, n_buffer: int):
     Blocks longer than the buffer's n_buffer rows (decoding a few tokens) are never taken.
 
     The rest takes one of block/S - 1 `cond`s, one per multiple of S: one matmul per
-    expert where a chain of halvings would make up to log2(block/S) + 1 smaller ones
-    (with 32 experts, most experts' rows fit in one block: 160 rows ran as 128 + 32).
-    Measured A/B in one process: small's step 8% faster, with 32 experts 2-7%, with 4
-    3-5%, for ~17% more compile time."""
-    small = small_block(block)
+    expert where a chain of halvings would make up to log2(block/S) + 1 smaller ones."""
+    small = smallest_block(block)
     while block > max(n_buffer, small):
         block //= 2
     n_full = n_rows // block
@@ -134,7 +174,7 @@ def expert_swiglu(x_rd, start, padded, w_gate, w_up, w_down, layer, s_gate, s_up
     """Expert e's rows are start[e] .. start[e] + padded[e] - 1; its weights are
     w_*[layer, e] of the stacked [U, E, ...] weights. Returns y [R, D] and the sinks
     s_* unchanged; the backward adds the weight gradient of layer `layer` into the
-    sinks' cotangents (see ExpertStack), which hold zeros there: each layer runs once."""
+    sinks' cotangents (see StackedExperts)."""
     w = (w_gate, w_up, w_down)
     return _expert_forward(x_rd, start, padded, w, layer, block)[0], (s_gate, s_up, s_down)
 
@@ -199,6 +239,14 @@ def _add_at(stack, index: tuple, g):
 # ------------------------------------------------- static-bound block scan (counted)
 
 
+def scan_swiglu(x_rd, rows: ExpertRows, block: int, w_gate, w_up, w_down):
+    """x_rd [R, D] laid out by `rows` (in blocks of smallest_block(block) rows), through one
+    layer's weights [E, ...] as a scan over the static bound of blocks: -> y [R, D]."""
+    x_nsd = x_rd.reshape(-1, smallest_block(block), x_rd.shape[-1])  # [R/S, S, D]
+    y = block_swiglu(x_nsd, rows.block_expert, rows.n_used, w_gate, w_up, w_down)
+    return y.reshape(x_rd.shape)
+
+
 @jax.custom_vjp
 def block_swiglu(x_nbd, block_expert, n_used, w_gate, w_up, w_down):
     """block_expert [N] expert of each block; blocks >= n_used are padding and give zeros."""
@@ -221,7 +269,8 @@ def _block_forward(x_nbd, block_expert, n_used, w_gate, w_up, w_down):
         return None, jax.lax.cond(i < n_used, compute, skip, xb)
 
     idx = jnp.arange(x_nbd.shape[0])
-    _, (y, g, u) = jax.lax.scan(one, None, (idx, x_nbd, block_expert), unroll=scan_unroll())
+    # Unrolled: this form exists for XLA's FLOP count, which counts a loop body once.
+    _, (y, g, u) = jax.lax.scan(one, None, (idx, x_nbd, block_expert), unroll=True)
     return y, g, u
 
 
@@ -254,7 +303,7 @@ def _block_bwd(res, dy_nbd):
     zeros = (jnp.zeros_like(w_gate), jnp.zeros_like(w_up), jnp.zeros_like(w_down))
     idx = jnp.arange(x_nbd.shape[0])
     xs = (idx, x_nbd, block_expert, g_nbf, u_nbf, dy_nbd)
-    (dwg, dwu, dwd), dx = jax.lax.scan(one, zeros, xs, unroll=scan_unroll())
+    (dwg, dwu, dwd), dx = jax.lax.scan(one, zeros, xs, unroll=True)
     return dx, None, None, dwg, dwu, dwd
 
 

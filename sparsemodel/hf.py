@@ -492,7 +492,7 @@ def _assemble(cfg: Config, reader: SafetensorsDir, memmaps: Path, log):
     import jax
 
     from sparsemodel import sharding
-    from sparsemodel.params import abstract_params
+    from sparsemodel.initialize import abstract_params
 
     _, target = abstract_params(cfg, sharding.make_mesh(config_lib.MeshConfig()))
     arrays = {}
@@ -598,7 +598,7 @@ def export_hf(
 def _check_checkpoint_holds(ckpt, step: int, cfg: Config) -> None:
     """ConfigError unless checkpoint `step` holds cfg's model (an edited config.yaml)."""
     from sparsemodel import sharding
-    from sparsemodel.params import abstract_params
+    from sparsemodel.initialize import abstract_params
 
     _, target = abstract_params(cfg, sharding.make_mesh(config_lib.MeshConfig()))
     ckpt.check_model(step, ckpt.meta(step), target, cfg)

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparsemodel import kernels
 from sparsemodel.config import Config
-from sparsemodel.unroll import unrolling
 
 
 def param(
@@ -69,6 +69,7 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         m = cfg.model
+        self.cfg = cfg
         self.n_heads, self.n_kv, self.d_head = m.n_heads, m.n_kv_heads, m.d_model // m.n_heads
         self.theta = m.rope_theta
         std, out_std = m.init_std, m.init_std / (2 * m.n_layers) ** 0.5
@@ -93,7 +94,8 @@ class Attention(nnx.Module):
             v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dtype))  # [B, T, Hkv, Dh]
             q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
             if cache is None:
-                out = causal_attention(q, k, v)  # positions are 0..T-1 in every row
+                # positions are 0..T-1 in every row
+                out = causal_attention(q, k, v, kernels.choose(self.cfg).attention)
             else:
                 batch = jnp.arange(x.shape[0])[:, None]
                 cache = KVCache(
@@ -107,21 +109,15 @@ class Attention(nnx.Module):
         return y, cache
 
 
-def causal_attention(q, k, v):
+def causal_attention(q, k, v, implementation: str):
     """Causal attention of a call's tokens to each other. q [B,T,H,Dh], k/v [B,T,Hkv,Dh].
 
-    On GPU in bf16/fp16 this is cuDNN's fused (flash) kernel, which never holds the
-    [B, H, T, T] scores in memory; elsewhere XLA's einsum form, the same maths as `attend`.
-    Profile's FLOP count (`unrolled_loops()`) takes the einsum form everywhere: cuDNN's
-    kernel is a custom call whose matmuls no analysis of the compiled program can see.
+    implementation 'cudnn' (GPU, bf16/fp16; kernels.choose) is cuDNN's fused (flash)
+    kernel, which never holds the [B, H, T, T] scores in memory; 'xla' is XLA's einsum
+    form, the same maths as `attend`.
     """
-    fused = (
-        jax.default_backend() == "gpu"
-        and q.dtype in (jnp.bfloat16, jnp.float16)
-        and not unrolling()
-    )
     return jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, implementation="cudnn" if fused else None
+        q, k, v, is_causal=True, implementation="cudnn" if implementation == "cudnn" else None
     )
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from sparsemodel import hardware, sharding
 from sparsemodel.config import Config, ConfigError
-from sparsemodel.params import abstract_params
+from sparsemodel.initialize import abstract_params
 
 
 def training_parts(cfg: Config, mesh, state_bytes: int) -> dict[str, tuple[int, str]]:

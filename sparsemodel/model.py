@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparsemodel import kernels
 from sparsemodel.config import Config
-from sparsemodel.grouped_matmul import ExpertStack
+from sparsemodel.grouped_matmul import StackedExperts
 from sparsemodel.layers import MLP, Attention, KVCache, RMSNorm, param
-from sparsemodel.moe import MoE, MoEStats, counts_per_sequence, reads_stack_in_place
-from sparsemodel.unroll import scan_unroll
+from sparsemodel.moe import MoE, MoEStats, counts_per_sequence
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute everything in the backward pass
@@ -64,7 +64,9 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(d, cfg.model.norm_eps, rngs=rngs)
         self.ffn = MoE(cfg, rngs=rngs) if self.is_moe else MLP(d, cfg.model.d_ff, cfg, rngs=rngs)
 
-    def __call__(self, x_btd, positions, mask, key, cache: BlockCache | None, stack=None):
+    def __call__(self, x_btd, positions, mask, key, cache: BlockCache | None, experts=None):
+        """x [B, T, D] -> (x, MoEStats or None, the new cache, experts): experts, the layer
+        scan's StackedExperts or None, comes back with this block's gradient sink."""
         h, kv = self.attn(self.attn_norm(x_btd), positions, None if cache is None else cache.kv)
         x_btd = x_btd + h
         b, t, d = x_btd.shape
@@ -72,13 +74,12 @@ class Block(nnx.Module):
         counts = None if cache is None else cache.expert_counts
         if self.is_moe:
             mask_n = None if mask is None else mask.reshape(b * t)
-            y_nd, stats, counts = self.ffn(
-                h_nd, mask_n, key, stack, seq_len=t, expert_counts=counts
-            )
+            out = self.ffn(h_nd, mask_n, key, seq_len=t, expert_counts=counts, experts=experts)
+            y_nd, stats, counts, experts = out
         else:
             y_nd, stats = self.ffn(h_nd), None
         cache = None if cache is None else BlockCache(kv, counts)
-        return x_btd + y_nd.reshape(b, t, d), stats, cache
+        return x_btd + y_nd.reshape(b, t, d), stats, cache, experts
 
 
 class Unit(nnx.Module):
@@ -87,15 +88,16 @@ class Unit(nnx.Module):
     def __init__(self, cfg: Config, kinds: tuple[str, ...], *, rngs: nnx.Rngs):
         self.blocks = nnx.List([Block(cfg, k, rngs=rngs) for k in kinds])
 
-    def __call__(self, x, positions, mask, key, caches, stack=None):
-        """stack: the MoE block's ExpertStack, or None (see Transformer._scan)."""
+    def __call__(self, x, positions, mask, key, caches, experts=None):
+        """-> (x, stats, caches, experts); experts: see Block (Transformer._scan)."""
         stats = None
         new_caches = []
         for i, block in enumerate(self.blocks):
-            x, s, c = block(x, positions, mask, key, None if caches is None else caches[i], stack)
+            cache = None if caches is None else caches[i]
+            x, s, c, experts = block(x, positions, mask, key, cache, experts)
             stats = s if s is not None else stats  # at most one MoE block per unit
             new_caches.append(c)
-        return x, stats, None if caches is None else tuple(new_caches)
+        return x, stats, None if caches is None else tuple(new_caches), experts
 
 
 def _stacked(make, n: int, rngs: nnx.Rngs):
@@ -109,27 +111,21 @@ def _stacked(make, n: int, rngs: nnx.Rngs):
     return create(rngs)
 
 
-def unit_layout(cfg: Config) -> tuple[int, tuple[str, ...], int, int]:
-    """(prefix dense blocks, kinds of one unit, unique units, repeats of the unit stack)."""
-    prefix = cfg.moe.first_dense if cfg.is_moe else 0
-    kinds = ("dense",) * (cfg.moe.every - 1) + ("moe",) if cfg.is_moe else ("dense",)
-    n_units = (cfg.model.n_layers - prefix) // len(kinds)
-    unique = cfg.model.share_layers // len(kinds) if cfg.model.share_layers else n_units
-    return prefix, kinds, unique, n_units // unique
-
-
 class Transformer(nnx.Module):
     """tokens int32 [B, S] -> logits float32 [B, S, V], MoEStats stacked over MoE layers."""
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = jnp.dtype(cfg.train.dtype)
-        n_prefix, kinds, n_unique, self.repeats = unit_layout(cfg)
+        plan = cfg.layer_plan()
+        self.repeats = plan.repeats
         self.embed = Embed(cfg, rngs=rngs)
         self.prefix = (
-            _stacked(lambda r: Unit(cfg, ("dense",), rngs=r), n_prefix, rngs) if n_prefix else None
+            _stacked(lambda r: Unit(cfg, ("dense",), rngs=r), plan.prefix, rngs)
+            if plan.prefix
+            else None
         )
-        self.units = _stacked(lambda r: Unit(cfg, kinds, rngs=r), n_unique, rngs)
+        self.units = _stacked(lambda r: Unit(cfg, plan.unit, rngs=r), plan.unique_units, rngs)
         self.final_norm = RMSNorm(cfg.model.d_model, cfg.model.norm_eps, rngs=rngs)
         self.unembed = (
             None
@@ -160,8 +156,7 @@ class Transformer(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int) -> dict[str, Any]:
         """An empty BlockCache for every block, with leading [repeats, n_unique] axes."""
-        m = self.cfg.model
-        n_prefix, kinds, n_unique, repeats = unit_layout(self.cfg)
+        m, plan = self.cfg.model, self.cfg.layer_plan()
         shape = (batch, max_len, m.n_kv_heads, m.d_model // m.n_heads)
 
         def block(kind, *lead):
@@ -172,8 +167,8 @@ class Transformer(nnx.Module):
             return BlockCache(kv, counts)
 
         return {
-            "prefix": (block("dense", 1, n_prefix),) if n_prefix else None,
-            "units": tuple(block(kind, repeats, n_unique) for kind in kinds),
+            "prefix": (block("dense", 1, plan.prefix),) if plan.prefix else None,
+            "units": tuple(block(kind, plan.repeats, plan.unique_units) for kind in plan.unit),
         }
 
     def forward(self, tokens, positions, *, mask=None, key=None, cache=None):
@@ -203,20 +198,18 @@ class Transformer(nnx.Module):
         graphdef, state = nnx.split(units)
         n_unique = jax.tree.leaves(state)[0].shape[0]
         keys = None if key is None else jax.random.split(key, (repeats, n_unique))
-        experts = self._expert_stack(units, state, repeats)
+        kern = kernels.choose(self.cfg)
+        stack, state = self._expert_stack(units, state, repeats, kern)
 
         def unit_step(carry, inputs):
             x, sink = carry
             unit_state, unit_key, unit_caches, layer = inputs
             unit = nnx.merge(graphdef, unit_state)
-            if experts is None:
-                x, stats, unit_caches = unit(x, positions, mask, unit_key, unit_caches)
-                return (x, None), (stats, unit_caches)
-            stack = ExpertStack(experts, layer, sink)
-            x, stats, unit_caches = unit(x, positions, mask, unit_key, unit_caches, stack)
-            if stack.sink[0] is sink[0]:  # the experts' whole gradient goes through the sink
-                raise AssertionError("the MoE layer did not run its experts from the stack")
-            return (x, stack.sink), (stats, unit_caches)
+            experts = None if stack is None else StackedExperts.of(stack, layer, sink)
+            x, stats, unit_caches, experts = unit(
+                x, positions, mask, unit_key, unit_caches, experts
+            )
+            return (x, None if experts is None else experts.sink), (stats, unit_caches)
 
         if self.cfg.train.remat != "none":
             unit_step = jax.checkpoint(unit_step, policy=REMAT_POLICIES[self.cfg.train.remat])
@@ -224,7 +217,7 @@ class Transformer(nnx.Module):
         def one_pass(x, inputs):  # one pass over the unique units
             pass_keys, pass_caches = inputs
             xs = (state, pass_keys, pass_caches, jnp.arange(n_unique))
-            (x, _), outputs = jax.lax.scan(unit_step, (x, experts), xs, unroll=scan_unroll())
+            (x, _), outputs = jax.lax.scan(unit_step, (x, stack), xs, unroll=kern.unroll)
             return x, outputs
 
         if repeats == 1:
@@ -234,25 +227,28 @@ class Transformer(nnx.Module):
             stats, caches = jax.tree.map(lambda a: a[None], (stats, caches))
         else:
             x, (stats, caches) = jax.lax.scan(
-                one_pass, x, (keys, caches), length=repeats, unroll=scan_unroll()
+                one_pass, x, (keys, caches), length=repeats, unroll=kern.unroll
             )
         stats = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), stats)
         return x, stats, caches
 
-    def _expert_stack(self, units, state, repeats: int):
-        """The expert weights [U, E, ...], or None: where the MoE kernel can read the
-        stacked expert weights in place (moe.reads_stack_in_place, one pass over the
-        units), `state`, the scan's per-unit inputs, keeps them without gradient (their
-        slices go unused; changed in place) and the weights themselves ride in the carry
-        as the gradient's sink."""
+    def _expert_stack(self, units, state, repeats: int, kern: kernels.Kernels):
+        """(stack, state): the MoE block's expert weights [U, E, ...] where the kernels read
+        them in place (kernels.Kernels.experts_in_place, one pass over the units), else
+        None; and the scan's per-unit inputs, whose copies of those weights then carry no
+        gradient (their slices go unused; the stack rides in the scan's carry as the
+        gradient's sink, grouped_matmul.StackedExperts)."""
         moe_blocks = [i for i, block in enumerate(units.blocks) if block.is_moe]
-        if not moe_blocks or repeats != 1 or not reads_stack_in_place(self.cfg):
-            return None
+        if not moe_blocks or repeats != 1 or not kern.experts_in_place:
+            return None, state
+        names = ("w_gate", "w_up", "w_down")
         ffn = state["blocks"][moe_blocks[0]]["ffn"]
-        experts = tuple(ffn[n][...] for n in ("w_gate", "w_up", "w_down"))
-        for n in ("w_gate", "w_up", "w_down"):
+        stack = tuple(ffn[n][...] for n in names)
+        no_grad = jax.tree.map(lambda x: x, state)  # a new State: the caller's stays as it is
+        ffn = no_grad["blocks"][moe_blocks[0]]["ffn"]
+        for n in names:
             ffn[n] = ffn[n].replace(jax.lax.stop_gradient(ffn[n][...]))
-        return experts
+        return stack, no_grad
 
 
 def aux_losses(stats: MoEStats | None) -> tuple[jax.Array, jax.Array]:

@@ -21,9 +21,9 @@ Dispatch strategies (`moe.dispatch`), same maths:
                       sequences and on later positions, and decoding one token at a time
                       sees other groups than the full forward (it is not exact).
   dropless  every assignment is computed: rows sorted by expert and run through a grouped
-            matmul (`moe.grouped_matmul`; grouped_matmul.py). `jax.lax.ragged_dot` is
-            one on TPU, but XLA computes every expert on every row on CPU (E/k times the
-            FLOPs) and was slow on GPU too. So on CPU each expert's rows go through its
+            matmul (`moe.grouped_matmul`, chosen by kernels.py; grouped_matmul.py).
+            `jax.lax.ragged_dot` is one on TPU, but XLA computes every expert on every row
+            on CPU (E/k times the FLOPs). So on CPU each expert's rows go through its
             weights in a loop over blocks of up to `moe.block_size` rows ('blocks'), and
             on GPU all blocks of `block_size` rows run as one batched matmul ('batched').
 Expert choice (`moe.router = "expert_choice"`): each expert picks its top-C tokens of the
@@ -56,11 +56,17 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from sparsemodel import dispatch, sharding
+from sparsemodel import dispatch, kernels, sharding
 from sparsemodel.config import Config
-from sparsemodel.grouped_matmul import ExpertStack, batched_swiglu, grouped_swiglu
+from sparsemodel.grouped_matmul import (
+    StackedExperts,
+    batched_swiglu,
+    expert_rows,
+    loop_swiglu,
+    scan_swiglu,
+    smallest_block,
+)
 from sparsemodel.layers import param, swiglu
-from sparsemodel.unroll import unrolling
 
 # Logical axes of the layer's weights: used to create them and to shard_map over them.
 AXES = {
@@ -85,53 +91,52 @@ class MoEStats(NamedTuple):
     max_load: jax.Array  # [] max over experts of load * E (1.0 when balanced)
 
 
+class MoEOut(NamedTuple):
+    """What one MoE layer call returns."""
+
+    y: jax.Array  # [T, D] the layer's output, in x's dtype
+    stats: MoEStats
+    # [N, E] int32: each sequence's kept assignments, this call's added (capacity per
+    # sequence when decoding with a cache, see `counts_per_sequence`), else None.
+    expert_counts: jax.Array | None
+    # The layer scan's stacked expert weights with this layer's gradient sink (when the
+    # scan handed them in, kernels.Kernels.experts_in_place), else None.
+    experts: StackedExperts | None
+
+
 class Routing(NamedTuple):
     experts: jax.Array  # [T, k] int32 chosen expert per assignment; E marks "none"
     weights: jax.Array  # [T, k] float32 combine weights
 
 
-def grouped_matmul_kind(cfg: Config) -> str:
-    """'blocks' on CPU, 'batched' on GPU, 'ragged_dot' on TPU.
+class Served(NamedTuple):
+    """What this device's experts did for the group's assignments (summed over devices by
+    router_stats)."""
 
-    XLA's ragged_dot computes every expert on CPU, and on GPU (jax 0.11.2, H200) it ran
-    at a fifth of the batched form's speed: see experiments/README.md.
-    """
-    kind = cfg.moe.grouped_matmul
-    if kind == "auto":
-        return {"cpu": "blocks", "gpu": "batched"}.get(jax.default_backend(), "ragged_dot")
-    return kind
+    y: jax.Array  # [T, D] outputs of this device's tokens (before the tensor-axis sum)
+    load: jax.Array  # [E] float32 assignments routed to each expert
+    dropped: jax.Array  # [] assignments (tokens, expert choice) that no expert served
+    assigned: jax.Array  # [] assignments (tokens, expert choice) made
 
 
 def counts_per_sequence(cfg: Config) -> bool:
     """Whether the layer keeps per-sequence expert counts: capacity dispatch of token choice
     with capacity_group=sequence (cached decoding carries them from call to call)."""
-    e = cfg.moe
+    moe_cfg = cfg.moe
     return (
-        e.dispatch == "capacity" and e.router != "expert_choice" and e.capacity_group == "sequence"
-    )
-
-
-def reads_stack_in_place(cfg: Config) -> bool:
-    """Whether the layer scan should hand the MoE layers an ExpertStack (grouped_matmul.py)
-    rather than each layer's slice of the expert weights: dropless token choice with the
-    'blocks' kernel, outside shard_map (one device), and not in the unrolled FLOP-counting
-    form (whose kernel takes a layer's weights)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return (
-        cfg.moe.dispatch == "dropless"
-        and cfg.moe.router != "expert_choice"
-        and grouped_matmul_kind(cfg) == "blocks"
-        and (mesh.empty or mesh.size == 1)
-        and not unrolling()
+        moe_cfg.dispatch == "capacity"
+        and moe_cfg.router == "topk"
+        and moe_cfg.capacity_group == "sequence"
     )
 
 
 class MoE(nnx.Module):
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-        m, e = cfg.model, cfg.moe
+        m, moe_cfg = cfg.model, cfg.moe
         self.cfg = cfg
         std, out_std = m.init_std, m.init_std / (2 * m.n_layers) ** 0.5
-        n, d, f, fs = e.num_experts, m.d_model, e.d_expert, e.num_shared * e.d_expert
+        n, d, f = moe_cfg.num_experts, m.d_model, moe_cfg.d_expert
+        fs = moe_cfg.num_shared * moe_cfg.d_expert
         self.w_router = param(rngs, (d, n), AXES["router"], std)
         self.w_gate = param(rngs, (n, d, f), AXES["gate"], std)
         self.w_up = param(rngs, (n, d, f), AXES["up"], std)
@@ -148,29 +153,26 @@ class MoE(nnx.Module):
         return {n: getattr(self, f"w_{n}")[...] for n in names}
 
     def __call__(
-        self, x_td, mask_t=None, key=None, stack=None, *, seq_len=None, expert_counts=None
-    ):
+        self, x_td, mask_t=None, key=None, *, seq_len=None, expert_counts=None, experts=None
+    ) -> MoEOut:
         """x_td [T, D] (compute dtype): N = T / seq_len sequences of seq_len tokens one after
         another (seq_len None: one sequence); mask_t [T] bool or None; key: jitter PRNG key or
-        None; stack: the layer scan's ExpertStack (see `reads_stack_in_place`) or None;
-        expert_counts [N, E] int32: the assignments each sequence's experts kept in earlier calls
-        (cached decoding, see `counts_per_sequence`) or None.
-
-        Returns y [T, D], this layer's MoEStats, and expert_counts with this call's kept
-        assignments added (None when none are given).
+        None; expert_counts [N, E] int32: the assignments each sequence's experts kept in
+        earlier calls (cached decoding, see `counts_per_sequence`) or None; experts: the
+        layer scan's StackedExperts, to read this layer's expert weights from, or None.
         """
         if mask_t is None:
             mask_t = jnp.ones(x_td.shape[:1], bool)
         seq_len = x_td.shape[0] if seq_len is None else seq_len
         w = self.weights()
-        if stack is not None:
-            w["stack"] = stack  # the kernel reads this layer's experts from it
         mesh = jax.sharding.get_abstract_mesh()
-        fn = partial(moe_forward, self.cfg, seq_len=seq_len)
+        fn = partial(moe_forward, self.cfg, kernels.choose(self.cfg), seq_len=seq_len)
         if mesh.empty or mesh.size == 1:
             # Outside any mesh, or on one device: the same function without shard_map, whose
             # backward would all-reduce every weight gradient over one device (a full copy).
-            return fn(Collectives(), w, x_td, mask_t, key, expert_counts)
+            return fn(Collectives(), w, x_td, mask_t, key, expert_counts, experts)
+        if experts is not None:
+            raise ValueError("stacked expert weights are read in place on one device only")
         n_seqs, shards = x_td.shape[0] // seq_len, sharding.batch_divisor(mesh)
         if counts_per_sequence(self.cfg) and n_seqs % shards:
             raise ValueError(
@@ -182,19 +184,22 @@ class MoE(nnx.Module):
         }
         batch = P(sharding.BATCH_AXES)
         counts_spec = None if expert_counts is None else batch
+
+        def on_device(coll, w, x_td, mask_t, key, expert_counts):
+            out = fn(coll, w, x_td, mask_t, key, expert_counts)
+            return out.y, out.stats, out.expert_counts
+
         # check_vma=False: the block loop's lax.cond and scan carries would otherwise need
         # every branch and carry cast to the same varying axes; equality of sharded and
         # single-device training (tests/test_sharding.py) checks the result instead.
-        return jax.shard_map(
-            partial(fn, Collectives.for_mesh(mesh, specs)),
+        y, stats, expert_counts = jax.shard_map(
+            partial(on_device, Collectives.for_mesh(mesh, specs)),
             mesh=mesh,
             in_specs=(specs, batch, batch, None if key is None else P(), counts_spec),
             out_specs=(batch, P(), counts_spec),
             check_vma=False,
         )(w, x_td, mask_t, key, expert_counts)
-
-    def route_probs(self, x_td, key=None):
-        return route(self.cfg, self.w_router[...], x_td, key)
+        return MoEOut(y, stats, expert_counts, None)
 
 
 # ------------------------------------------------------------------- collectives
@@ -234,6 +239,16 @@ class Collectives:
     def tensor_sharded(self, name: str) -> bool:
         return "tensor" in jax.tree.leaves(tuple(self.spec(name)))
 
+    def sum_tensor(self, name: str, y):
+        """Sum the partial outputs of weight `name`'s tensor-sharded width."""
+        return jax.lax.psum(y, "tensor") if self.tensor_sharded(name) else y
+
+    def device_key(self, key):
+        """A key of this device's own, so that each device's tokens get their own noise."""
+        if key is None or not self.batch_axes:
+            return key
+        return jax.random.fold_in(key, jax.lax.axis_index(self.batch_axes))
+
     def sum_batch(self, x):
         """Sum over every device's tokens (for statistics)."""
         return jax.lax.psum(x, self.batch_axes) if self.batch_axes else x
@@ -258,81 +273,94 @@ class Collectives:
 
 
 def moe_forward(
-    cfg: Config, coll: Collectives, w, x_td, mask_t, key=None, expert_counts=None, *, seq_len
-):
-    """The MoE layer on this device's tokens, N = T / seq_len whole sequences, and their
-    expert_counts [N, E] or None (see MoE.__call__): -> (y [T, D], MoEStats, expert_counts)."""
-    e = cfg.moe
-    if key is not None and coll.batch_axes:  # distinct jitter noise for each device's tokens
-        key = jax.random.fold_in(key, jax.lax.axis_index(coll.batch_axes))
-    dtype = x_td.dtype
+    cfg: Config,
+    kern: kernels.Kernels,
+    coll: Collectives,
+    w,
+    x_td,
+    mask_t,
+    key=None,
+    expert_counts=None,
+    experts: StackedExperts | None = None,
+    *,
+    seq_len: int,
+) -> MoEOut:
+    """The MoE layer on this device's tokens, N = T / seq_len whole sequences (see
+    MoE.__call__ for the arguments)."""
     w = {n: coll.gather_weight(n, v) for n, v in w.items()}
-    n_local = w["gate"].shape[0]  # experts held here: E / mesh.expert
     with jax.named_scope("router"):
-        logits, probs = route(cfg, w["router"], x_td, key)  # [T, E] f32
-
-    x_g, mask_g = coll.gather_tokens(x_td), coll.gather_tokens(mask_t)  # the expert group
-    offset = coll.expert_offset(n_local)
-    if e.router == "expert_choice":
-        y_g, served_g, chosen_e = expert_choice(
-            cfg, w, x_g, coll.gather_tokens(probs), mask_g, offset
-        )
-        served = coll.scatter_tokens(served_g) > 0  # [T] served by any expert of the group
-        counts = (
-            jnp.zeros((e.num_experts,), jnp.float32).at[offset + jnp.arange(n_local)].set(chosen_e)
-        )
-        counts = counts if coll.expert_size == 1 else jax.lax.psum(counts, "expert")
-        counts = counts / coll.expert_size  # psum over the batch axes below counts it n times
-        dropped_n = jnp.sum(~served & mask_t)
-        n_assign = jnp.sum(mask_t)
+        logits, probs = route(cfg, w["router"], x_td, coll.device_key(key))  # [T, E] f32
+    if cfg.moe.router == "expert_choice":
+        served = expert_choice_layer(cfg, coll, w, x_td, probs, mask_t)
     else:
-        routing = top_k_routing(probs, mask_t, e.top_k, e.renormalize)
-        counts = jnp.zeros((e.num_experts + 1,), jnp.float32).at[routing.experts].add(1.0)
-        counts = counts[: e.num_experts]
-        local = Routing(coll.gather_tokens(routing.experts), coll.gather_tokens(routing.weights))
-        local_e = local.experts - offset
-        local = local._replace(
-            experts=jnp.where((local_e >= 0) & (local_e < n_local), local_e, n_local)
+        served, expert_counts, experts = token_choice_layer(
+            cfg, kern, coll, w, x_td, probs, mask_t, seq_len, expert_counts, experts
         )
-        counts_g = None if expert_counts is None else coll.gather_tokens(expert_counts)
-        local_counts = (  # [N_g, E_l]: the expert group's sequences, this device's experts
-            None
-            if counts_g is None
-            else jax.lax.dynamic_slice_in_dim(counts_g, offset, n_local, axis=1)
-        )
-        y_g, kept, local_counts = token_choice(cfg, w, x_g, local, n_local, seq_len, local_counts)
-        if expert_counts is not None:
-            # Each device fills its own experts' columns: summed over the group, each
-            # sequence's row goes back to the device that holds the sequence.
-            filled = jax.lax.dynamic_update_slice_in_dim(
-                jnp.zeros_like(counts_g), local_counts, offset, axis=1
-            )
-            expert_counts = coll.scatter_tokens(filled)  # [N, E]
-        # Each assignment is handled by exactly one device of the group: sum the kept ones.
-        kept_n = jnp.sum(kept) if coll.expert_size == 1 else jax.lax.psum(jnp.sum(kept), "expert")
-        kept_n = kept_n / coll.expert_size
-        n_assign = jnp.sum(routing.experts < e.num_experts)
-        dropped_n = n_assign - kept_n
-    y = coll.scatter_tokens(y_g)  # [T, D]
-    if coll.tensor_sharded("gate"):
-        y = jax.lax.psum(y, "tensor")
+    y = coll.sum_tensor("gate", served.y)
     if "shared_gate" in w:
         y_shared = swiglu(x_td, w["shared_gate"], w["shared_up"], w["shared_down"])
-        y = y + (
-            jax.lax.psum(y_shared, "tensor") if coll.tensor_sharded("shared_gate") else y_shared
-        )
-    stats = router_stats(
-        logits,
-        probs,
-        None,
-        mask_t,
-        None,
-        counts=counts,
-        dropped_count=dropped_n,
-        n_assign=n_assign,
-        reduce=coll.sum_batch,
+        y = y + coll.sum_tensor("shared_gate", y_shared)
+    stats = router_stats(logits, probs, mask_t, served, reduce=coll.sum_batch)
+    return MoEOut(y.astype(x_td.dtype), stats, expert_counts, experts)
+
+
+def token_choice_layer(
+    cfg: Config, kern, coll: Collectives, w, x_td, probs, mask_t, seq_len, expert_counts, experts
+):
+    """Top-k routing of this device's tokens, run by the expert group's devices, each on its
+    own experts: -> (Served, expert_counts, experts)."""
+    moe_cfg = cfg.moe
+    n_local = w["gate"].shape[0]  # experts held here: E / mesh.expert
+    offset = coll.expert_offset(n_local)
+    routing = top_k_routing(probs, mask_t, moe_cfg.top_k, moe_cfg.renormalize)
+    load = jnp.zeros((moe_cfg.num_experts + 1,), jnp.float32).at[routing.experts].add(1.0)
+    group = Routing(coll.gather_tokens(routing.experts), coll.gather_tokens(routing.weights))
+    local_e = group.experts - offset
+    here = (local_e >= 0) & (local_e < n_local)
+    group = group._replace(experts=jnp.where(here, local_e, n_local))  # n_local: elsewhere
+    counts_g = None if expert_counts is None else coll.gather_tokens(expert_counts)
+    local_counts = (  # [N_g, E_l]: the expert group's sequences, this device's experts
+        None if counts_g is None else jax.lax.dynamic_slice_in_dim(counts_g, offset, n_local, 1)
     )
-    return y.astype(dtype), stats, expert_counts
+    x_g = coll.gather_tokens(x_td)  # the expert group's tokens
+    y_g, kept, local_counts, experts = token_choice(
+        cfg, kern, w, x_g, group, n_local, seq_len, local_counts, experts
+    )
+    if expert_counts is not None:
+        # Each device fills its own experts' columns: summed over the group, each
+        # sequence's row goes back to the device that holds the sequence.
+        filled = jax.lax.dynamic_update_slice_in_dim(
+            jnp.zeros_like(counts_g), local_counts, offset, axis=1
+        )
+        expert_counts = coll.scatter_tokens(filled)  # [N, E]
+    # Each assignment is handled by exactly one device of the group: sum the kept ones.
+    kept_n = jnp.sum(kept) if coll.expert_size == 1 else jax.lax.psum(jnp.sum(kept), "expert")
+    assigned = jnp.sum(routing.experts < moe_cfg.num_experts)
+    served = Served(
+        y=coll.scatter_tokens(y_g),
+        load=load[: moe_cfg.num_experts],
+        dropped=assigned - kept_n / coll.expert_size,
+        assigned=assigned,
+    )
+    return served, expert_counts, experts
+
+
+def expert_choice_layer(cfg: Config, coll: Collectives, w, x_td, probs, mask_t) -> Served:
+    """Each expert of the group takes its top-C tokens of the expert group's tokens."""
+    n_local = w["gate"].shape[0]
+    offset = coll.expert_offset(n_local)
+    x_g, mask_g, probs_g = (coll.gather_tokens(a) for a in (x_td, mask_t, probs))
+    y_g, served_g, chosen_e = expert_choice(cfg, w, x_g, probs_g, mask_g, offset)
+    served = coll.scatter_tokens(served_g) > 0  # [T] served by any expert of the group
+    load = jnp.zeros((cfg.moe.num_experts,), jnp.float32).at[offset + jnp.arange(n_local)]
+    load = load.set(chosen_e)
+    load = load if coll.expert_size == 1 else jax.lax.psum(load, "expert")
+    return Served(
+        y=coll.scatter_tokens(y_g),
+        load=load / coll.expert_size,  # router_stats' sum over the batch axes counts it n times
+        dropped=jnp.sum(~served & mask_t),
+        assigned=jnp.sum(mask_t),
+    )
 
 
 def route(cfg: Config, w_router, x_td, key=None):
@@ -356,52 +384,34 @@ def top_k_routing(probs, mask_t, k: int, renormalize: bool) -> Routing:
     return Routing(experts=top_e.astype(jnp.int32), weights=top_p)
 
 
-def router_stats(
-    logits,
-    probs,
-    routing: Routing | None,
-    mask_t,
-    dropped=None,
-    *,
-    counts=None,
-    dropped_count=None,
-    n_assign=None,
-    reduce=lambda x: x,
-) -> MoEStats:
+def router_stats(logits, probs, mask_t, served: Served, reduce=lambda x: x) -> MoEStats:
     """Switch load-balance loss, ST-MoE z-loss and load statistics over non-padding tokens.
 
     Every mean is a global sum divided by a global count (`reduce` sums over devices), so
-    sharded runs report the single-device numbers. Either pass `routing` (and `dropped`, a
-    fraction) or precomputed `counts` [E], `dropped_count` and `n_assign`.
-    """
+    sharded runs report the single-device numbers."""
     n_experts = probs.shape[-1]
     valid = mask_t.astype(jnp.float32)
-    if counts is None:
-        counts = jnp.zeros((n_experts + 1,), jnp.float32).at[routing.experts.reshape(-1)].add(1.0)
-        counts = counts[:n_experts]
-        n_assign = jnp.sum(routing.experts < n_experts)
-        dropped_count = jnp.asarray(0.0 if dropped is None else dropped) * n_assign
     lse = jax.nn.logsumexp(logits, axis=-1)
     entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-20)), axis=-1)
     sums = reduce(
         {
             "tokens": valid.sum(),
-            "counts": counts,
+            "load": served.load,
             "prob": (probs * valid[:, None]).sum(0),
             "z": jnp.sum(valid * lse**2),
             "entropy": jnp.sum(valid * entropy),
-            "dropped": jnp.asarray(dropped_count, jnp.float32),
-            "assign": jnp.asarray(n_assign, jnp.float32),
+            "dropped": jnp.asarray(served.dropped, jnp.float32),
+            "assigned": jnp.asarray(served.assigned, jnp.float32),
         }
     )
     n_tokens = jnp.maximum(sums["tokens"], 1.0)
-    load = sums["counts"] / jnp.maximum(sums["counts"].sum(), 1.0)  # f_e
+    load = sums["load"] / jnp.maximum(sums["load"].sum(), 1.0)  # f_e
     mean_prob = sums["prob"] / n_tokens  # P_e
     return MoEStats(
         lb_loss=n_experts * jnp.sum(load * mean_prob),
         z_loss=sums["z"] / n_tokens,
         load=load,
-        dropped=sums["dropped"] / jnp.maximum(sums["assign"], 1.0),
+        dropped=sums["dropped"] / jnp.maximum(sums["assigned"], 1.0),
         entropy=sums["entropy"] / n_tokens,
         max_load=n_experts * jnp.max(load),
     )
@@ -422,70 +432,78 @@ def batched_experts(w, xb_ecd):
 # ------------------------------------------------------------------ token choice
 
 
-def token_choice(cfg: Config, w, x_td, routing: Routing, n_experts: int, seq_len: int, counts):
+def token_choice(
+    cfg: Config, kern, w, x_td, routing: Routing, n_experts: int, seq_len: int, counts, experts
+):
     """Runs each assignment through its expert and combines: -> (y [T, D], kept [T, k],
-    counts [N, n_experts] or None).
+    counts [N, n_experts] or None, experts).
 
     routing.experts index this device's n_experts experts; n_experts marks assignments
     handled elsewhere (or padding). x_td holds N = T / seq_len sequences; counts [N,
     n_experts] (or None): what their experts kept in earlier calls (capacity per sequence).
     """
-    e = cfg.moe
-    kind = grouped_matmul_kind(cfg)
     kept = routing.experts < n_experts
-    if e.dispatch == "capacity":
+    if cfg.moe.dispatch == "capacity":
         y_rd, layout, kept, counts = capacity_experts(
             cfg, w, x_td, routing, n_experts, seq_len, counts
         )
-    elif kind == "ragged_dot":
+    elif kern.grouped_matmul == "ragged_dot":
         y_rd, layout = dropless_ragged(w, x_td, routing, n_experts)
     else:
-        y_rd, layout = dropless_blocks(w, x_td, routing, n_experts, e.block_size, kind)
+        y_rd, layout, experts = dropless_blocks(
+            w, x_td, routing, n_experts, cfg.moe.block_size, kern.grouped_matmul, experts
+        )
     with jax.named_scope("combine"):
         y = dispatch.combine(y_rd, jnp.where(kept, routing.weights, 0.0), layout)
-    return y, kept, counts
+    return y, kept, counts, experts
 
 
 def capacity_experts(cfg: Config, w, x_td, routing: Routing, n_experts: int, seq_len, counts):
     """Each expert's kept assignments through it, one batched matmul over the expert-major
     buffer: -> (y [R, D], layout, kept [T, k], counts [N, n_experts] or None)."""
-    e = cfg.moe
-    if e.capacity_group == "sequence":  # the training length's capacity, in every call
-        capacity = expert_capacity(cfg.train.seq_len, e.top_k, e.num_experts, e.capacity_factor)
+    moe_cfg = cfg.moe
+    factor = moe_cfg.capacity_factor
+    if moe_cfg.capacity_group == "sequence":  # the training length's capacity, in every call
+        capacity = expert_capacity(cfg.train.seq_len, moe_cfg.top_k, moe_cfg.num_experts, factor)
         placed = dispatch.capacity_rows(routing.experts, n_experts, capacity, seq_len, counts)
         counts = None if counts is None else placed.counts
     else:  # all tokens of the group share each expert's capacity; no counts to carry
-        capacity = expert_capacity(x_td.shape[0], e.top_k, e.num_experts, e.capacity_factor)
+        capacity = expert_capacity(x_td.shape[0], moe_cfg.top_k, moe_cfg.num_experts, factor)
         placed = dispatch.capacity_rows(routing.experts, n_experts, capacity)
     layout = dispatch.layout_from_rows(placed.rows, placed.n_rows)
     with jax.named_scope("dispatch"):
-        xb = dispatch.dispatch(x_td, layout)  # [R, D], R = E * N * S
+        xb = dispatch.gather_rows(x_td, layout)  # [R, D], R = E * N * S
     with jax.named_scope("experts"):
         yb = batched_experts(w, xb.reshape(n_experts, -1, xb.shape[-1]))  # [E, N * S, D]
     return yb.reshape(placed.n_rows, -1), layout, placed.keep, counts
 
 
-def dropless_blocks(w, x_td, routing: Routing, n_experts: int, block: int, kind: str):
-    """Each expert's rows through its weights in blocks: -> (y [R, D], layout).
+def dropless_blocks(w, x_td, routing: Routing, n_experts: int, block: int, kind: str, experts):
+    """Each expert's rows through its weights in blocks: -> (y [R, D], layout, experts).
 
-    'blocks' pads each expert to a multiple of small_block(block) rows and loops (CPU);
-    'batched' pads to whole blocks and runs them all in one batched matmul (GPU).
+    'blocks' pads each expert to a multiple of smallest_block(block) rows and loops (CPU),
+    reading `experts` (the layer scan's stack) when given, this layer's weights otherwise;
+    'block_scan' is its FLOP-countable form; 'batched' pads to whole blocks and runs them
+    all in one batched matmul (GPU).
     """
-    unit = block if kind == "batched" else dispatch.small_block(block)
-    blocks = dispatch.block_rows(routing.experts, n_experts, unit)
-    n_rows = blocks.block_expert.shape[0] * unit
-    layout = dispatch.layout_from_rows(blocks.rows, n_rows)
+    unit = block if kind == "batched" else smallest_block(block)
+    rows = expert_rows(routing.experts, n_experts, unit)
+    n_rows = rows.block_expert.shape[0] * unit
+    layout = dispatch.layout_from_rows(rows.rows, n_rows)
     with jax.named_scope("dispatch"):
-        xr = dispatch.dispatch(x_td, layout)  # [R, D]
+        xr = dispatch.gather_rows(x_td, layout)  # [R, D]
     with jax.named_scope("experts"):
         if kind == "batched":
             x_nbd = xr.reshape(-1, unit, xr.shape[-1])  # [R/B, B, D]
-            y_nbd = batched_swiglu(x_nbd, blocks.block_expert, w["gate"], w["up"], w["down"])
+            y_nbd = batched_swiglu(x_nbd, rows.block_expert, w["gate"], w["up"], w["down"])
             yr = y_nbd.reshape(xr.shape)
+        elif kind == "block_scan":
+            yr = scan_swiglu(xr, rows, block, w["gate"], w["up"], w["down"])
         else:
-            experts = w.get("stack") or ExpertStack.single(w["gate"], w["up"], w["down"])
-            yr = grouped_swiglu(xr, blocks, block, experts)
-    return yr, layout
+            stack = experts or StackedExperts.single(w["gate"], w["up"], w["down"])
+            yr, stack = loop_swiglu(xr, rows, block, stack)
+            experts = None if experts is None else stack
+    return yr, layout, experts
 
 
 def dropless_ragged(w, x_td, routing: Routing, n_experts: int):
@@ -499,7 +517,7 @@ def dropless_ragged(w, x_td, routing: Routing, n_experts: int):
     layout = dispatch.layout_from_order(jnp.argsort(flat_e, stable=True), routing.experts.shape[1])
     group_sizes = jnp.bincount(jnp.minimum(flat_e, n_experts - 1), length=n_experts)
     with jax.named_scope("dispatch"):
-        xs = dispatch.dispatch(x_td, layout)  # [A, D] rows sorted by expert
+        xs = dispatch.gather_rows(x_td, layout)  # [A, D] rows sorted by expert
     with jax.named_scope("experts"):
         g = jax.lax.ragged_dot(xs, w["gate"].astype(dtype), group_sizes)
         u = jax.lax.ragged_dot(xs, w["up"].astype(dtype), group_sizes)
@@ -515,10 +533,11 @@ def expert_choice(cfg: Config, w, x_td, probs, mask_t, offset):
 
     Returns y [T, D], served [T] (experts here that took each token) and per-expert counts.
     """
-    e = cfg.moe
+    moe_cfg = cfg.moe
     n_local = w["gate"].shape[0]
     t = x_td.shape[0]
-    capacity = min(t, expert_capacity(t, e.top_k, e.num_experts, e.capacity_factor))
+    capacity = expert_capacity(t, moe_cfg.top_k, moe_cfg.num_experts, moe_cfg.capacity_factor)
+    capacity = min(t, capacity)
     with jax.named_scope("dispatch"):
         local_p = jax.lax.dynamic_slice_in_dim(probs, offset, n_local, axis=1)  # [T, E_l]
         scores = jnp.where(mask_t[:, None], local_p, -1.0).T  # [E_l, T]

@@ -25,10 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsemodel import data as data_lib
-from sparsemodel import flops, hardware, hlo_flops, memory, optim, params, sharding
+from sparsemodel import flops, hardware, hlo_flops, initialize, kernels, memory, optim, sharding
 from sparsemodel.config import Config
-from sparsemodel.train import load_tokenized_corpus, make_train_step
-from sparsemodel.unroll import unrolled_loops
+from sparsemodel.steps import make_train_step
 
 
 def profile(
@@ -63,8 +62,8 @@ def profile(
     if abstract:
         mesh = sharding.abstract_mesh(cfg.mesh)
         report["mesh"] = dict(mesh.shape)
-        _, target = params.abstract_params(cfg, mesh)
-        report["params"]["counted_from_shapes"] = params.count(target)
+        _, target = initialize.abstract_params(cfg, mesh)
+        report["params"]["counted_from_shapes"] = initialize.count(target)
         param_bytes = sharding.bytes_per_device(target)
         report["memory"] = {
             "params_bytes_per_device": param_bytes,
@@ -80,17 +79,17 @@ def profile(
     report["mesh"] = dict(mesh.shape)
     with jax.set_mesh(mesh):
         batch = _real_batch(cfg, mesh, workdir)  # first: bad data stops before any compile
-        graphdef, state = params.init_params(cfg, mesh, t.seed)
+        graphdef, state = initialize.init_params(cfg, mesh, t.seed)
         if param_state is not None:
             state = param_state
-        report["params"]["counted_from_arrays"] = params.count(state)
+        report["params"]["counted_from_arrays"] = initialize.count(state)
         tx = optim.make_optimizer(t)
-        opt_state = params.init_opt_state(tx, state, mesh)
+        opt_state = initialize.init_opt_state(tx, state, mesh)
         step_fn = jax.jit(make_train_step(graphdef, cfg, tx), donate_argnums=(0, 1))
 
         if count_flops:
             log("lowering the training step with loops unrolled, to count its FLOPs ...")
-            with unrolled_loops():
+            with kernels.counting_flops():
                 # A jit of its own: jax caches a function's trace, and reusing step_fn here
                 # would hand the counting form (unrolled, XLA attention) to the timed run.
                 count_fn = jax.jit(make_train_step(graphdef, cfg, tx))
@@ -195,7 +194,7 @@ def _real_batch(cfg: Config, mesh, workdir: str | None):
     workdir's tokenizer's ids when there is one (bytes otherwise)."""
     t = cfg.train
     if workdir is not None:
-        corpus = load_tokenized_corpus(cfg, Path(workdir), log=lambda s: None)
+        corpus = data_lib.load_tokenized_corpus(cfg, Path(workdir), log=lambda s: None)
     else:
         corpus = data_lib.load_corpus(cfg.data.source, cfg.data.val_fraction)
     tokens = (

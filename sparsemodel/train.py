@@ -20,20 +20,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 
 from sparsemodel import config as config_lib
 from sparsemodel import data as data_lib
 from sparsemodel import flops, hardware, memory, sharding
-from sparsemodel import tokenizer as tokenizer_lib
 from sparsemodel.checkpoint import Checkpointer, CheckpointError
 from sparsemodel.config import Config, ConfigError, model_record
 from sparsemodel.events import EventLog
-from sparsemodel.model import aux_losses
-from sparsemodel.optim import global_norm, make_optimizer, schedule
-from sparsemodel.params import count, init_opt_state, init_params
+from sparsemodel.initialize import count, init_opt_state, init_params
+from sparsemodel.optim import make_optimizer
 from sparsemodel.progress import Progress
+from sparsemodel.steps import evaluate_batches, make_eval_step, make_train_step
 from sparsemodel.workdir import MetricsLog, WorkdirLock, truncate_metrics
 
 
@@ -50,95 +47,6 @@ class TrainResult:
     wall_s: float
     unigram_entropy: float  # nats/token of the validation split's unigram: the no-context loss
     checkpoint_s: float = 0.0  # time the loop spent blocked in checkpoint saves
-
-
-# ------------------------------------------------------------------------ the maths
-
-
-def cross_entropy(logits, targets, mask=None):
-    """Sum and count of token negative log-likelihoods over non-padding targets."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, S]
-    mask = jnp.ones_like(nll) if mask is None else mask.astype(jnp.float32)
-    return jnp.sum(nll * mask), jnp.sum(mask)
-
-
-def make_loss_fn(graphdef, cfg: Config):
-    def loss_fn(params, batch, key):
-        lm = nnx.merge(graphdef, params)
-        inputs, targets = batch[:, :-1], batch[:, 1:]  # [B, S] each
-        logits, stats = lm(inputs, key=key)
-        nll_sum, n = cross_entropy(logits, targets)
-        lm_loss = nll_sum / jnp.maximum(n, 1.0)
-        lb, z = aux_losses(stats)
-        loss = lm_loss + cfg.moe.lb_coef * lb + cfg.moe.z_coef * z
-        return loss, {"lm_loss": lm_loss, "lb_loss": lb, "z_loss": z, "stats": stats}
-
-    return loss_fn
-
-
-def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation):
-    """(params, opt_state, batch [B, S+1], step) -> (params, opt_state, metrics)."""
-    grad_fn = jax.value_and_grad(make_loss_fn(graphdef, cfg), has_aux=True)
-    n_micro = cfg.train.grad_accum
-    lr_at = schedule(cfg.train)
-
-    def train_step(params, opt_state, batch, step):
-        key = None
-        if cfg.moe.jitter > 0:
-            key = jax.random.fold_in(jax.random.key(cfg.train.seed), step)
-        if n_micro == 1:
-            (loss, aux), grads = grad_fn(params, batch, key)
-        else:
-            micro = batch.reshape(n_micro, -1, batch.shape[-1])  # [A, B/A, S+1]
-
-            def accumulate(grads, mb):
-                (loss, aux), g = grad_fn(params, mb, key)
-                return jax.tree.map(jnp.add, grads, g), (loss, aux)
-
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            grads, (loss, aux) = jax.lax.scan(accumulate, zeros, micro)
-            grads = jax.tree.map(lambda g: g / n_micro, grads)
-            loss, aux = jax.tree.map(lambda x: x.mean(0), (loss, aux))
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        stats = aux.pop("stats")
-        metrics = {
-            "loss": loss,
-            **aux,
-            "grad_norm": global_norm(grads),
-            "param_norm": global_norm(params),
-            "lr": lr_at(step - 1),
-        }
-        if stats is not None:
-            metrics.update(
-                dropped=stats.dropped.mean(),
-                layer_dropped=stats.dropped,
-                max_load=stats.max_load.max(),
-                load=stats.load,
-            )
-        return params, opt_state, metrics
-
-    return train_step
-
-
-def make_eval_step(graphdef):
-    """(params, batch [B, S+1]) -> (sum of token NLLs, number of tokens)."""
-
-    def eval_step(params, batch):
-        logits, _ = nnx.merge(graphdef, params)(batch[:, :-1])
-        return cross_entropy(logits, batch[:, 1:])
-
-    return eval_step
-
-
-def evaluate_batches(eval_step, params, batches, mesh) -> tuple[float, int]:
-    """Mean NLL (nats/token) and token count over an iterable of host batches."""
-    total, n = 0.0, 0
-    for batch in batches:
-        s, c = eval_step(params, sharding.put_batch(batch, mesh))
-        total, n = total + float(s), n + int(c)
-    return total / max(n, 1), n
 
 
 # ------------------------------------------------------------------------- the run
@@ -184,7 +92,7 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
     is_lead = jax.process_index() == 0
 
     # --- data ----------------------------------------------------------------------------
-    corpus = load_tokenized_corpus(cfg, workdir, log)
+    corpus = data_lib.load_tokenized_corpus(cfg, workdir, log)
     data_lib.check_length(corpus.train, t.seq_len, t.batch_size, "train", cfg.data.source)
     data_lib.check_token_ids(cfg.data.source, cfg.model.vocab_size, corpus.train, corpus.val)
     train_iter = data_lib.train_iterator(corpus.train, t.seq_len, t.batch_size, t.seed, *_process())
@@ -347,33 +255,6 @@ class StepLoop:
 
 
 # ------------------------------------------------------------------------- helpers
-
-
-def load_tokenized_corpus(cfg: Config, workdir: Path, log=print) -> data_lib.Corpus:
-    """The corpus in the workdir's tokenizer's ids (training the tokenizer the first time).
-
-    With several processes, process 0 trains and writes tokenizer.json and the token
-    cache; the others wait at a barrier, then read the same file (shared workdir).
-    """
-    raw = data_lib.load_corpus(cfg.data.source, cfg.data.val_fraction)
-    is_lead = jax.process_index() == 0
-    tok = tokenizer_lib.for_workdir(
-        cfg,
-        workdir,
-        lambda: data_lib.training_bytes(raw, cfg.data.source),
-        is_lead=is_lead,
-        wait=_barrier("tokenizer.json"),
-        log=log,
-    )
-    return data_lib.tokenize(raw, tok, workdir, write=is_lead, log=log)
-
-
-def _barrier(name: str):
-    if jax.process_count() == 1:
-        return lambda: None
-    from jax.experimental import multihost_utils
-
-    return lambda: multihost_utils.sync_global_devices(name)
 
 
 class StopRequest:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsemodel import config, evaluate, params, sharding, train
+from sparsemodel import config, evaluate, initialize, sharding, train
 
 TINY = {"train.steps": 5, "train.eval_every": 1000, "train.checkpoint_every": 1000}
 
@@ -39,7 +39,7 @@ def train_meshes(workdir: str, meshes: dict[str, dict]) -> dict:
         out[name] = {"losses": metric(run_dir), "dropped": metric(run_dir, "dropped")}
         # What each device really holds of the born-sharded expert weights.
         mesh_ = sharding.make_mesh(cfg.mesh)
-        _, p = params.init_params(cfg, mesh_, 0)
+        _, p = initialize.init_params(cfg, mesh_, 0)
         w_gate = p["units"]["blocks"][0]["ffn"]["w_gate"][...]  # [layers, E, D, F]
         held = {}
         for shard in w_gate.addressable_shards:
@@ -62,7 +62,7 @@ def decode(mesh: dict, batch: int = 8, seq: int = 10, prompt: int = 4) -> dict:
     fraction of assignments the full forward dropped."""
     cfg = config.load("tiny", {"moe.dispatch": "capacity", "moe.capacity_factor": 0.25, **mesh})
     mesh_ = sharding.make_mesh(cfg.mesh)
-    graphdef, state = params.init_params(cfg, mesh_, 0)
+    graphdef, state = initialize.init_params(cfg, mesh_, 0)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, seq)), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
     forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))

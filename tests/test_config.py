@@ -233,18 +233,18 @@ def test_moe_only_checks_are_skipped_for_a_dense_model():
 # -------------------------------------------------------------------------- layer kinds
 
 
-def test_layer_kinds_interleaved_after_first_dense():
+def test_layer_plan_kinds_interleaved_after_first_dense():
     cfg = config.load("tiny", overrides={"model.n_layers": 5, "moe.every": 2, "moe.first_dense": 1})
-    assert cfg.layer_kinds() == ["dense", "dense", "moe", "dense", "moe"]
+    assert cfg.layer_plan().kinds() == ["dense", "dense", "moe", "dense", "moe"]
 
 
-def test_layer_kinds_all_moe_by_default():
-    assert config.load("tiny").layer_kinds() == ["moe", "moe"]
+def test_layer_plan_kinds_all_moe_by_default():
+    assert config.load("tiny").layer_plan().kinds() == ["moe", "moe"]
 
 
-def test_layer_kinds_dense_model():
+def test_layer_plan_kinds_dense_model():
     cfg = config.load("tiny", overrides={"moe.num_experts": 0, "model.n_layers": 3})
-    assert cfg.layer_kinds() == ["dense", "dense", "dense"]
+    assert cfg.layer_plan().kinds() == ["dense", "dense", "dense"]
 
 
 # ------------------------------------------------------------------------- config files

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from sparsemodel import cli, config, evaluate, hf, params, sharding  # noqa: E402
+from sparsemodel import cli, config, evaluate, hf, initialize, sharding  # noqa: E402
 from sparsemodel.checkpoint import Checkpointer, CheckpointError  # noqa: E402
 
 TINY = dict(
@@ -370,7 +370,7 @@ def workdir_at_init(wd, overrides=None) -> None:
     cfg = config.load("tiny", overrides)
     wd.mkdir()
     config.dump(cfg, wd / "config.yaml")
-    _, state = params.init_params(cfg, sharding.make_mesh(cfg.mesh), seed=0)
+    _, state = initialize.init_params(cfg, sharding.make_mesh(cfg.mesh), seed=0)
     ckpt = Checkpointer(wd, async_save=False)
     ckpt.save(0, state, None, {"step": 0})
     ckpt.close()

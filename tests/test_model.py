@@ -5,6 +5,7 @@ Models use the tiny preset (4 experts, top-2, dropless) and its variants.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsemodel import config, evaluate, layers, model
+from sparsemodel import config, evaluate, kernels, layers, model
+from sparsemodel import grouped_matmul as gm
 
 VOCAB = 256  # tiny preset
 # Tests share these shapes so that models of one config reuse compiled forwards.
@@ -86,7 +88,8 @@ def test_fused_causal_attention_equals_masked_reference(n_kv):
     v = jax.random.normal(kv, (2, 16, n_kv, 8))
     pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
     want = layers.attend(q, k, v, pos, pos)
-    np.testing.assert_allclose(layers.causal_attention(q, k, v), want, atol=1e-5, rtol=1e-5)
+    got = layers.causal_attention(q, k, v, "xla")
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_moe_model_is_causal():
@@ -203,7 +206,7 @@ def _outer_params(cfg) -> int:
 def test_moe_every_and_first_dense_place_layers():
     lm = abstract_lm(**{"moe.every": 2, "moe.first_dense": 1, "model.n_layers": 5})
     cfg = lm.cfg
-    assert cfg.layer_kinds() == ["dense", "dense", "moe", "dense", "moe"]
+    assert cfg.layer_plan().kinds() == ["dense", "dense", "moe", "dense", "moe"]
     logits, stats = output_shapes(lm, random_tokens(1, 6))
     assert logits.shape == (1, 6, VOCAB)
     for leaf in stats:
@@ -287,17 +290,19 @@ def _loss_and_grads(lm, tokens):
 )
 def test_scan_reading_experts_in_place_gives_the_same_gradients(overrides, monkeypatch):
     # The layer scan hands the MoE kernel the whole expert stack and carries the gradient's
-    # sink (grouped_matmul.ExpertStack); the per-layer slices it replaces are the reference.
+    # sink (grouped_matmul.StackedExperts); the per-layer slices it replaces are the reference.
     lm = make_lm(**EXPERT_STACK, **overrides)
     tokens = random_tokens(BATCH, SEQ)
     singles = []
-    single = model.ExpertStack.single
-    monkeypatch.setattr(model.ExpertStack, "single", lambda *w: singles.append(1) or single(*w))
+    single = gm.StackedExperts.single
+    monkeypatch.setattr(gm.StackedExperts, "single", lambda *w: singles.append(1) or single(*w))
     fn, state = _loss_and_grads(lm, tokens)
     loss, grads = fn(state)
     assert not singles, "the scan should have read the expert stack in place"
 
-    monkeypatch.setattr(model, "reads_stack_in_place", lambda cfg: False)
+    choose = kernels.choose
+    no_stack = lambda cfg: dataclasses.replace(choose(cfg), experts_in_place=False)  # noqa: E731
+    monkeypatch.setattr(kernels, "choose", no_stack)
     fn, _ = _loss_and_grads(lm, tokens)
     want_loss, want = fn(state)
     assert singles, "the reference should run one layer's slice at a time"

@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsemodel import config, dispatch, moe
+from sparsemodel import config, dispatch, kernels, moe
 from sparsemodel import grouped_matmul as gm
-from sparsemodel.unroll import unrolled_loops
 
 D_MODEL, D_EXPERT = 32, 48  # different sizes, so a transposed weight cannot go unnoticed
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -59,8 +58,8 @@ CAPACITY_4 = {"num_experts": 4, "top_k": 2, "dispatch": "capacity", "capacity_fa
 
 @nnx.jit(static_argnames="seq_len")
 def _apply(layer, x, mask, seq_len=None):
-    y, stats, _ = layer(x, mask, seq_len=seq_len)
-    return y, stats
+    out = layer(x, mask, seq_len=seq_len)
+    return out.y, out.stats
 
 
 def apply(layer, x, mask=None, seq_len=None):
@@ -171,7 +170,7 @@ def ref_token_choice(layer, x):
         (4, 1, 13, 32, 1),  # one block bigger than all assignments, shared expert
         (8, 2, 24, 7, 0),
         (8, 1, 9, 1, 1),  # one row per block
-        (4, 2, 120, 256, 0),  # blocks of 256 down to 32 (small_block's cap)
+        (4, 2, 120, 256, 0),  # blocks of 256 down to 32 (smallest_block's cap)
         (8, 2, 3, 512, 0),  # decoding-sized: blocks longer than the whole buffer
         (4, 2, 120, 32, 0),  # whole blocks of 32, then the rest (8-24 rows) in one block
     ],
@@ -193,11 +192,11 @@ def test_dropless_blocks_matches_reference(n_experts, k, n_tokens, block_size, n
 
 
 @pytest.mark.parametrize("block", [1, 3, 5, 7, 8, 32, 100, 128, 130, 200, 512, 1000, 4096])
-def test_small_block_tiles_every_halving_of_the_block(block):
+def test_smallest_block_tiles_every_halving_of_the_block(block):
     # The CPU loop takes whole blocks (halved when decoding), then the rest in one block
     # of a multiple of the small block: each must be a multiple of it, or rows would be
     # skipped; and the rest has at most 15 sizes (one cond each).
-    small = dispatch.small_block(block)
+    small = gm.smallest_block(block)
     ratio = block // small
     assert block % small == 0 and ratio & (ratio - 1) == 0, small
     assert ratio <= 16
@@ -358,8 +357,8 @@ def test_capacity_per_sequence_matches_reference(n_experts, k, factor, n_shared)
 
 @nnx.jit(static_argnames="seq_len")
 def _apply_counted(layer, x, counts, seq_len):
-    y, _, counts = layer(x, seq_len=seq_len, expert_counts=counts)
-    return y, counts
+    out = layer(x, seq_len=seq_len, expert_counts=counts)
+    return out.y, out.expert_counts
 
 
 def test_capacity_per_sequence_in_two_calls_equals_one():
@@ -398,6 +397,12 @@ def test_lb_loss_is_one_for_uniform_router():
     np.testing.assert_allclose(float(stats.entropy), math.log(4), rtol=1e-6)
 
 
+def served(routing, n_experts: int) -> moe.Served:
+    """Every assignment of `routing` served (nothing dropped)."""
+    load = jnp.zeros((n_experts,), jnp.float32).at[routing.experts.reshape(-1)].add(1.0)
+    return moe.Served(None, load, jnp.float32(0), jnp.float32(routing.experts.size))
+
+
 def test_lb_loss_balanced_by_hand_and_skewed():
     n_experts, n_tokens = 4, 8
     row = np.array([0.7, 0.1, 0.1, 0.1])
@@ -406,8 +411,9 @@ def test_lb_loss_balanced_by_hand_and_skewed():
     # Balanced: token t prefers expert t % 4; each expert gets 2 tokens and P_e = 1/4.
     probs = jnp.asarray(np.stack([np.roll(row, t) for t in range(n_tokens)]), jnp.float32)
     logits = jnp.log(probs)
-    routing = moe.top_k_routing(probs, mask, 1, True)
-    stats = moe.router_stats(logits, probs, routing, mask, 0.0)
+    stats = moe.router_stats(
+        logits, probs, mask, served(moe.top_k_routing(probs, mask, 1, True), n_experts)
+    )
     np.testing.assert_allclose(np.asarray(stats.load), np.full(n_experts, 0.25), atol=1e-7)
     np.testing.assert_allclose(float(stats.lb_loss), 1.0, atol=1e-6)
     np.testing.assert_allclose(float(stats.max_load), 1.0, atol=1e-6)
@@ -415,7 +421,7 @@ def test_lb_loss_balanced_by_hand_and_skewed():
     # Skewed: every token prefers expert 0 -> f = (1, 0, 0, 0), P_0 = 0.7, loss 4 * 0.7.
     probs = jnp.asarray(np.tile(row, (n_tokens, 1)), jnp.float32)
     routing = moe.top_k_routing(probs, mask, 1, True)
-    stats = moe.router_stats(jnp.log(probs), probs, routing, mask, 0.0)
+    stats = moe.router_stats(jnp.log(probs), probs, mask, served(routing, n_experts))
     np.testing.assert_allclose(float(stats.lb_loss), 2.8, rtol=1e-6)
     np.testing.assert_allclose(float(stats.max_load), 4.0, rtol=1e-6)
 
@@ -608,7 +614,7 @@ def _trip_counted_flops(monkeypatch, fn, args, trips: int) -> float:
         finally:
             monkeypatch.setattr(jax.lax, "scan", scan)
 
-    with unrolled_loops():  # the MoE layer's countable (static-bound) block form
+    with kernels.counting_flops():  # the MoE layer's countable (static-bound) block form
         rolled = count(1)
         return rolled + (trips - 1) * (count(2) - rolled)
 
@@ -640,8 +646,8 @@ def test_dropless_blocks_cost_does_not_scale_with_experts(monkeypatch):
             loss = lambda s, x: jnp.sum(nnx.merge(graphdef, s)(x)[0] ** 2)
             return jax.grad(loss, argnums=(0, 1))(state, x)
 
-        small = dispatch.small_block(block)
-        n_blocks = -(-n_tokens * k // small) + n_experts  # block_rows' static bound
+        small = gm.smallest_block(block)
+        n_blocks = -(-n_tokens * k // small) + n_experts  # expert_rows' static bound
         return _trip_counted_flops(monkeypatch, fwd_bwd, (state, x), n_blocks)
 
     def dense_fwd_bwd(w, x):
@@ -693,10 +699,10 @@ def test_dispatch_and_combine_gradients_equal_plain_indexing(kind):
 
     probe_r = jax.random.normal(jax.random.key(4), (n_rows, d))
     probe_t = jax.random.normal(jax.random.key(5), (n_tokens, d))
-    got = jax.grad(lambda x: jnp.sum(dispatch.dispatch(x, layout) * probe_r))(x)
+    got = jax.grad(lambda x: jnp.sum(dispatch.gather_rows(x, layout) * probe_r))(x)
     want = jax.grad(lambda x: jnp.sum(plain_dispatch(x) * probe_r))(x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL)
-    np.testing.assert_allclose(np.asarray(dispatch.dispatch(x, layout)), plain_dispatch(x))
+    np.testing.assert_allclose(np.asarray(dispatch.gather_rows(x, layout)), plain_dispatch(x))
     got = jax.grad(lambda y, w: jnp.sum(dispatch.combine(y, w, layout) * probe_t), (0, 1))
     want = jax.grad(lambda y, w: jnp.sum(plain_combine(y, w) * probe_t), (0, 1))
     for g, w_ in zip(got(y_rows, wts), want(y_rows, wts), strict=True):
@@ -705,14 +711,14 @@ def test_dispatch_and_combine_gradients_equal_plain_indexing(kind):
 
 @pytest.mark.parametrize("block", [3, 8])
 def test_counted_block_form_equals_the_per_expert_loops(block):
-    # Training runs expert_swiglu (blocks of 8, 4 and 2 rows for block=8; 3 and 1 for 3);
-    # cost analysis counts block_swiglu. Same values and gradients, with some experts
+    # Training runs loop_swiglu (whole blocks, then the rest in one block of its size);
+    # cost analysis counts scan_swiglu. Same values and gradients, with some experts
     # given no rows at all and others many.
     n_tokens, k, n_experts, d, f = 23, 2, 6, 8, 12
     choice = np.random.default_rng(0).choice([0, 2, 3, 5], (n_tokens, k), p=[0.6, 0.2, 0.1, 0.1])
     experts = jnp.asarray(choice, jnp.int32)
-    blocks = dispatch.block_rows(experts, n_experts, dispatch.small_block(block))
-    n_rows = blocks.block_expert.shape[0] * dispatch.small_block(block)
+    blocks = gm.expert_rows(experts, n_experts, gm.smallest_block(block))
+    n_rows = blocks.block_expert.shape[0] * gm.smallest_block(block)
     keys = jax.random.split(jax.random.key(0), 4)
     w = [
         0.3 * jax.random.normal(keys[1], (n_experts, d, f)),
@@ -720,15 +726,16 @@ def test_counted_block_form_equals_the_per_expert_loops(block):
         0.3 * jax.random.normal(keys[3], (n_experts, f, d)),
     ]
     layout = dispatch.layout_from_rows(blocks.rows, n_rows)
-    x = dispatch.dispatch(jax.random.normal(keys[0], (n_tokens, d)), layout)  # [R, D]
+    x = dispatch.gather_rows(jax.random.normal(keys[0], (n_tokens, d)), layout)  # [R, D]
 
-    def loss(x, *w):
-        return jnp.sum(jnp.sin(gm.grouped_swiglu(x, blocks, block, gm.ExpertStack.single(*w))))
+    def loop(x, *w):  # what training runs
+        return jnp.sum(jnp.sin(gm.loop_swiglu(x, blocks, block, gm.StackedExperts.single(*w))[0]))
 
-    value_and_grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
-    with unrolled_loops():
-        want = value_and_grads(x, *w)  # traced here: the counted block form
-    got = value_and_grads(x, *w)
+    def scan(x, *w):  # what profile's FLOP count traces
+        return jnp.sum(jnp.sin(gm.scan_swiglu(x, blocks, block, *w)))
+
+    want = jax.value_and_grad(scan, argnums=(0, 1, 2, 3))(x, *w)
+    got = jax.value_and_grad(loop, argnums=(0, 1, 2, 3))(x, *w)
     np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-6)
     for g, w_ in zip(got[1], want[1], strict=True):  # summation order differs (GPU: 1.5e-5)
         np.testing.assert_allclose(np.asarray(g), np.asarray(w_), rtol=5e-5, atol=1e-5)

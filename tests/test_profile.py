@@ -9,9 +9,8 @@ import math
 import jax
 import pytest
 
-from sparsemodel import cli, config, flops, hardware, profile
-from sparsemodel.train import make_train_step
-from sparsemodel.unroll import unrolling
+from sparsemodel import cli, config, flops, hardware, kernels, profile
+from sparsemodel.steps import make_train_step
 
 
 def test_tiny_parameter_counts_by_hand():
@@ -85,7 +84,7 @@ def test_gpu_batched_form_is_not_a_dense_fallback(monkeypatch):
         step = make_train_step(*args)
 
         def traced(*a):
-            traced_unrolled.append(unrolling())
+            traced_unrolled.append(kernels.choose(cfg).unroll is True)
             return step(*a)
 
         return traced

@@ -15,7 +15,7 @@ from tokenizers import pre_tokenizers
 from sparsemodel import cli, config, evaluate, sharding, train
 from sparsemodel import tokenizer as tk
 from sparsemodel.config import ConfigError
-from sparsemodel.params import init_params
+from sparsemodel.initialize import init_params
 
 VOCABULARY = """
 def return import class self for while if else lambda yield with try except the of and a
