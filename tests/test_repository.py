@@ -1,0 +1,44 @@
+"""The repository explains itself: its documents stay inside it and name every module."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCUMENTS = [ROOT / "README.md", ROOT / "experiments" / "README.md", *ROOT.glob("docs/*.md")]
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")  # [text](target) and ![alt](target)
+PARENT_PATH = re.compile(r"(?:\.\./)+[\w./-]*")  # any ../ path, linked or not
+
+
+def _relative_links(text: str) -> list[str]:
+    """Link targets that are files of the repository: no URL, no anchor-only link."""
+    targets = (t.split("#")[0] for t in LINK.findall(text))
+    return [t for t in targets if t and not re.match(r"[a-z]+:", t)]
+
+
+@pytest.mark.parametrize("doc", DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_documents_name_no_path_outside_the_repository(doc):
+    text = doc.read_text()
+    for path in PARENT_PATH.findall(text) + _relative_links(text):
+        resolved = (doc.parent / path).resolve()
+        assert resolved.is_relative_to(ROOT), f"{doc.name} names {path}, outside the repository"
+
+
+@pytest.mark.parametrize("doc", DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_points_to_a_file_that_exists(doc):
+    for target in _relative_links(doc.read_text()):
+        assert (doc.parent / target).exists(), f"{doc.name} links {target}, which is missing"
+
+
+def test_readme_links_the_design_document():
+    assert "(docs/design.md)" in (ROOT / "README.md").read_text()
+    assert (ROOT / "docs" / "design.md").is_file()
+
+
+def test_design_document_names_every_module():
+    design = (ROOT / "docs" / "design.md").read_text()
+    modules = [p.name for p in (ROOT / "sparsemodel").glob("*.py") if p.stem != "__init__"]
+    assert [m for m in modules if m not in design] == []
