@@ -31,8 +31,9 @@ test-fast: install
 bench: install
 	$(BIN)/python experiments/bench.py
 
-# Issue 7: what sparse activation and parameter sharing buy at equal compute (~80 min on two
-# shared CPU cores; results and plots in experiments/results/, runs in experiments/runs/).
+# The five experiments on what sparse activation and parameter sharing buy at equal compute
+# (~80 min on two shared CPU cores; results and plots in experiments/results/, runs in
+# experiments/runs/).
 .PHONY: experiments
 experiments: install
 	$(BIN)/python experiments/dense_vs_moe.py
