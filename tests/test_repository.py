@@ -1,7 +1,9 @@
-"""The repository explains itself: its documents stay inside it and name every module."""
+"""The repository explains itself: its documents stay inside it and name every module,
+and the bench says which extra it lacks."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -42,3 +44,35 @@ def test_design_document_names_every_module():
     design = (ROOT / "docs" / "design.md").read_text()
     modules = [p.name for p in (ROOT / "sparsemodel").glob("*.py") if p.stem != "__init__"]
     assert [m for m in modules if m not in design] == []
+
+
+def _peer_mixtral():
+    """experiments/peer_mixtral.py as a module (experiments/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        "peer_mixtral", ROOT / "experiments" / "peer_mixtral.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "absent, named",
+    [({"transformers"}, "transformers not"), ({"torch", "transformers"}, "torch and transformers")],
+)
+def test_bench_names_the_missing_extra_in_one_line(absent, named, monkeypatch):
+    peer_mixtral = _peer_mixtral()
+    present = object()  # a stand-in spec: find_spec found the package
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *_: None if name in absent else present
+    )
+    line = peer_mixtral.missing_extra()
+    assert "\n" not in line
+    assert f"({named}" in line
+    assert "`hf` extra" in line and "pip install -e '.[hf]'" in line and "make bench" in line
+
+
+def test_bench_peer_needs_nothing_when_both_packages_are_there(monkeypatch):
+    peer_mixtral = _peer_mixtral()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *_: object())
+    assert peer_mixtral.missing_extra() is None
