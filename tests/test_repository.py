@@ -1,13 +1,16 @@
-"""The repository explains itself: its documents stay inside it and name every module,
-and the bench says which extra it lacks."""
+"""The repository explains itself: its documents stay inside it, `--help` lists the
+presets that exist, and the bench says which extra it lacks."""
 
 from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
 from pathlib import Path
 
 import pytest
+
+from sparsemodel import cli, config
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md", ROOT / "experiments" / "README.md", *ROOT.glob("docs/*.md")]
@@ -44,6 +47,22 @@ def test_design_document_names_every_module():
     design = (ROOT / "docs" / "design.md").read_text()
     modules = [p.name for p in (ROOT / "sparsemodel").glob("*.py") if p.stem != "__init__"]
     assert [m for m in modules if m not in design] == []
+
+
+@pytest.mark.parametrize("command", ["train", "profile"])
+def test_config_help_lists_the_presets_directory(command, tmp_path, monkeypatch, capsys):
+    presets = tmp_path / "configs"
+    shutil.copytree(config.PRESET_DIR, presets)
+    shutil.copy(presets / "tiny.yaml", presets / "my-preset.yaml")
+    monkeypatch.setattr(config, "PRESET_DIR", presets)
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option: names are not wrapped
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    listed = re.search(r"--config CONFIG\s+preset name \(([^)]*)\)", capsys.readouterr().out)
+    assert listed is not None
+    assert listed.group(1).split(", ") == config.preset_names()
+    assert "my-preset" in config.preset_names()
 
 
 def _peer_mixtral():
