@@ -1,19 +1,29 @@
 # All set-up goes through here: `make train` and `make test` work on a fresh machine.
+# `make train` installs what training needs; the test, bench and lint targets add the `dev`
+# (pytest, ruff) and `hf` (torch, transformers: the Hugging Face parity tests and the
+# bench's peer) extras. Each install has its own stamp, so neither redoes the other's.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+EXTRAS  := $(VENV)/.installed-extras
 WORKDIR ?= runs/small
 
-.PHONY: install train test test-fast bench lint format clean
+.PHONY: install install-extras train test test-fast bench lint format clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,hf]'
+	$(BIN)/pip install --quiet -e .
 	touch $(STAMP)
 
+$(EXTRAS): pyproject.toml $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,hf]'
+	touch $(EXTRAS)
+
 install: $(STAMP)
+
+install-extras: $(EXTRAS)
 
 # Train the default `small` MoE on the embedded corpus, then evaluate and sample from it.
 train: install
@@ -21,18 +31,19 @@ train: install
 	$(BIN)/sparsemodel eval --workdir $(WORKDIR)
 	$(BIN)/sparsemodel generate --workdir $(WORKDIR) --prompt 'def main(' --max-new-tokens 200
 
-test: install
+test: install-extras
 	$(BIN)/pytest -q
 
-test-fast: install
+test-fast: install-extras
 	$(BIN)/pytest -q -m 'not slow'
 
 # Ratios measured in one run (MoE vs dense step and layer, expert scaling, FLOPs, MFU, decode).
-bench: install
+bench: install-extras
 	$(BIN)/python experiments/bench.py
 
-# Issue 7: what sparse activation and parameter sharing buy at equal compute (~80 min on two
-# shared CPU cores; results and plots in experiments/results/, runs in experiments/runs/).
+# The five experiments on what sparse activation and parameter sharing buy at equal compute
+# (~80 min on two shared CPU cores; results and plots in experiments/results/, runs in
+# experiments/runs/).
 .PHONY: experiments
 experiments: install
 	$(BIN)/python experiments/dense_vs_moe.py
@@ -41,11 +52,11 @@ experiments: install
 	$(BIN)/python experiments/sharing.py
 	$(BIN)/python experiments/overfitting.py
 
-lint: install
+lint: install-extras
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-format: install
+format: install-extras
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 

@@ -1,4 +1,4 @@
-"""Experiment 1 (issue 7): dense vs MoE at equal active compute per token.
+"""Experiment 1 (`make experiments`): dense vs MoE at equal active compute per token.
 
 `small-dense` (SwiGLU 1024 wide) against `small` (8 experts of 512, top-2: 2 x 512 = 1024
 active) and a top-1 variant with d_expert doubled (8 experts of 1024, top-1: again 1024

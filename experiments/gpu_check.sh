@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 5's GPU check in one command (under ten minutes on one H200):
+# The one-GPU check in one command (under ten minutes on one H200): what a ~1B MoE costs on
+# a GPU next to its dense twin of equal active parameters, and the tests on the GPU backend:
 #   1. `profile` of gpu-1b (bf16, ~1.04B parameters, 16 experts top-2) and its dense twin
 #      gpu-1b-dense: step time, MFU, compiled/model FLOPs (the compiled matmuls), memory;
 #   2. optionally the MoE with the other grouped matmuls (ragged_dot, blocks);
@@ -22,7 +23,7 @@ start=$SECONDS
 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
 } 2>&1 | tee "$OUT/env.txt"
 
-summary() {  # one line per profile: the numbers issue 5 asks for
+summary() {  # one line per profile: step time, tokens/s, MFU, FLOP ratio, memory
   python3 - "$1" <<'PY'
 import json, sys
 try:

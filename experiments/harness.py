@@ -1,4 +1,4 @@
-"""Shared harness for the issue-7 experiments: run one config + overrides, collect a row, plot.
+"""Harness of the five `make experiments` scripts: run a config + overrides, collect a row, plot.
 
 A run lives in `experiments/runs/<name>-<hash of its resolved config>/` (ignored by git).
 When a finished `row.json` there has the same preset and overrides, the row is reused, so

@@ -1,4 +1,4 @@
-"""Experiment 2 (issue 7): number of experts at fixed top-2 and d_expert.
+"""Experiment 2 (`make experiments`): number of experts at fixed top-2 and d_expert.
 
 The shared smaller model (harness.SMALLER: d_model 128, 4 layers, d_expert 256, top-2)
 with 4, 8, 16 and 32 experts: parameters grow with E, FLOPs per token stay flat. Reports

@@ -1,4 +1,4 @@
-"""Experiment 5 (issue 7): a many-parameter MoE on a ~200 KB slice vs the full corpus.
+"""Experiment 5 (`make experiments`): a many-parameter MoE on a ~200 KB slice vs the full corpus.
 
 The slice is built deterministically at run time: stdlib training files (by the library's
 own path-hash split) taken in hash order until ~200 KB, plus every validation file, copied

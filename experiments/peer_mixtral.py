@@ -1,13 +1,14 @@
 """The peer for `hf_mixtral_speedup`: Hugging Face transformers' Mixtral, trained on CPU.
 
-Both sides train the same model (issue 5's peer config): vocab 256, d_model 256, 4 layers,
-4 heads, 8 experts top-2 of width 512, sequence 256, batch 16, AdamW, float32, router
-load-balance loss on (coefficient 0.01). Needs the `hf` extra (torch CPU + transformers);
-without it `train_step_runner` returns None and the benchmark says so.
+Both sides train the same model (PEER below): vocab 256, d_model 256, 4 layers, 4 heads,
+8 experts top-2 of width 512, sequence 256, batch 16, AdamW, float32, router load-balance
+loss on (coefficient 0.01). Needs the `hf` extra (torch CPU + transformers): without it
+`missing_extra` names what is missing and `train_step_runner` returns None.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import time
 
 PEER = {  # our config keys; the transformers side is built from the same numbers
@@ -25,6 +26,18 @@ PEER = {  # our config keys; the transformers side is built from the same number
     "train.batch_size": 16,
     "train.dtype": "float32",
 }
+
+
+def missing_extra() -> str | None:
+    """One line naming the peer's packages that are not installed and how to get them, or
+    None when both are."""
+    missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    return (
+        f"bench: the transformers peer needs the `hf` extra ({' and '.join(missing)} not "
+        "installed): pip install -e '.[hf]', or make bench"
+    )
 
 
 def train_step_runner(experts_implementation: str = "eager", lr: float = 3e-3):

@@ -1,4 +1,4 @@
-"""Experiment 3 (issue 7): routing choices on the shared smaller model (8 experts).
+"""Experiment 3 (`make experiments`): routing choices on the shared smaller model (8 experts).
 
   * top-1 vs top-2 at fixed d_expert 256 (top-1 does half the expert FLOPs; experiment 1
     compares them at equal compute);

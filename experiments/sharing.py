@@ -1,4 +1,4 @@
-"""Experiment 4 (issue 7): cross-layer parameter sharing at equal FLOPs, alone and with experts.
+"""Experiment 4 (`make experiments`): cross-layer sharing at equal FLOPs, alone and with experts.
 
 The shared smaller model's 4 layers built from g unique blocks reused cyclically
 (`model.share_layers = g`; g = 0 means no sharing), dense (SwiGLU 512) and MoE (8 experts

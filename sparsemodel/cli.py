@@ -13,11 +13,12 @@ import sys
 import threading
 from pathlib import Path
 
-from sparsemodel import host_heap
+from sparsemodel import config, host_heap
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsemodel", description=__doc__.splitlines()[0])
+    presets = ", ".join(config.preset_names())  # what the presets directory holds now
     sub = p.add_subparsers(dest="command", required=True)
 
     def distributed(sp):
@@ -27,7 +28,11 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument("--process-id", type=int)
 
     t = sub.add_parser("train", help="train (resumes from the newest checkpoint in --workdir)")
-    t.add_argument("--config", help="preset name (tiny, small, small-dense) or a YAML/TOML file")
+    t.add_argument(
+        "--config",
+        help=f"preset name ({presets}) or a YAML/TOML file "
+        "(default: the workdir's config.yaml, else small)",
+    )
     t.add_argument("--workdir", default=None, help="default: runs/<config name>")
     t.add_argument(
         "--set",
@@ -57,7 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     distributed(e)
 
     pr = sub.add_parser("profile", help="parameters, FLOPs, memory, MFU and routing")
-    pr.add_argument("--config", help="preset name or YAML/TOML file (default: small)")
+    pr.add_argument(
+        "--config", help=f"preset name ({presets}) or a YAML/TOML file (default: small)"
+    )
     pr.add_argument("--workdir", help="profile a trained workdir (its config and weights)")
     pr.add_argument(
         "--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE"
@@ -126,7 +133,7 @@ class _UsageError(ValueError):
 
 
 def _train(args) -> int:
-    from sparsemodel import config, train
+    from sparsemodel import train
 
     if args.stop_after is not None and args.stop_after < 1:
         raise _UsageError(f"--stop-after: must be >= 1, got {args.stop_after}")
@@ -187,7 +194,7 @@ def _generate(args) -> int:
 
 
 def _profile(args) -> int:
-    from sparsemodel import config, evaluate, profile
+    from sparsemodel import evaluate, profile
 
     overrides = config.parse_overrides(args.overrides)
     if args.steps < 1:
