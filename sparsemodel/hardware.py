@@ -112,7 +112,7 @@ def host_memory_available() -> int | None:
 def device_memory_available() -> tuple[int, str] | None:
     """(bytes free on the first device, what they are): the allocator's limit less what it
     holds on an accelerator, MemAvailable on CPU; None when neither is known."""
-    stats = jax.devices()[0].memory_stats()
+    stats = jax.local_devices()[0].memory_stats()
     if stats and "bytes_limit" in stats:
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
         return free, "free device memory"
