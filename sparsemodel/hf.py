@@ -128,10 +128,11 @@ def _refuse_unmapped(hf: dict[str, Any], where: str) -> None:
 
     value = partial(_hf_value, hf, where=where)
     model_type = hf.get("model_type")
-    if model_type in NOT_MAPPABLE:
+    if isinstance(model_type, str) and model_type in NOT_MAPPABLE:
         refuse(f"model_type {model_type} does not map: it has {NOT_MAPPABLE[model_type]}")
     if model_type != "mixtral":
-        refuse(f"model_type {model_type!r} is not supported (import-hf reads model_type mixtral)")
+        shown = config_lib.bounded(model_type)  # any JSON value: a list or object too
+        refuse(f"model_type {shown} is not supported (import-hf reads model_type mixtral)")
     d, heads = value("hidden_size", "count"), value("num_attention_heads", "count")
     if hf.get("hidden_act", "silu") != "silu":
         refuse(f"hidden_act {hf['hidden_act']!r} does not map (our experts are SwiGLU: silu)")
