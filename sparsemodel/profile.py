@@ -178,9 +178,9 @@ def _count_flops(lowered) -> dict:
     """FLOPs of the compiled step: XLA's cost analysis on CPU, its matmuls elsewhere.
 
     XLA:CPU's cost analysis counts everything, elementwise work included. XLA:GPU's leaves
-    out the matmuls it hands to cuBLAS (0.19x a dense model's FLOPs on an H200), so off CPU
-    the count is the compiled program's matmuls, read from its HLO (`hlo_flops`). Both are
-    reported where both exist; custom calls that neither can count are listed.
+    out the matmuls it hands to cuBLAS, so off CPU the count is the compiled program's
+    matmuls, read from its HLO (`hlo_flops`). Both are reported where both exist; custom
+    calls that neither can count are listed.
     """
     compiled = lowered.compile()
     matmuls = hlo_flops.count(compiled.as_text())
