@@ -41,10 +41,10 @@ FORMAT = 2
 
 def _skip_tensorstore_io_metrics() -> None:
     """Orbax asks TensorStore for its global I/O metrics before and after every array
-    write, only to log a throughput line, and each collection leaves memory behind:
-    measured over 400 saves of tiny, resident memory grew 0.08 MiB per save without end,
-    and levelled off with this. A None reading makes Orbax skip that log line (every
-    caller checks for None). A newer Orbax without the function is left as it is."""
+    write, only to log a throughput line, and each collection leaves memory behind, so a
+    long run's resident memory would grow with every save. A None reading makes Orbax skip
+    that log line (every caller checks for None). A newer Orbax without the function is
+    left as it is."""
     from orbax.checkpoint._src.serialization import tensorstore_utils
 
     if hasattr(tensorstore_utils, "get_tensorstore_raw_bytes"):
@@ -220,9 +220,9 @@ class Checkpointer:
 
         Three defaults of orbax would each hold the whole checkpoint in memory: the deep
         copy of numpy leaves before writing, OCDBT (which buffers every array's encoded
-        chunks until it commits; measured: peak RSS = checkpoint size) and unbounded
-        concurrency. Here the copy is off (nothing modifies the arrays meanwhile), arrays
-        are plain zarr written in 64 MiB chunks, and ~1 GB of arrays is in flight at a time.
+        chunks until it commits) and unbounded concurrency. Here the copy is off (nothing
+        modifies the arrays meanwhile), arrays are plain zarr written in 64 MiB chunks,
+        and ~1 GB of arrays is in flight at a time.
         Restore reads either format.
         """
         default = ocp.type_handlers.get_type_handler(np.ndarray)

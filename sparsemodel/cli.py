@@ -18,21 +18,27 @@ from sparsemodel import config, host_heap
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsemodel", description=__doc__.splitlines()[0])
-    presets = ", ".join(config.preset_names())  # what the presets directory holds now
     sub = p.add_subparsers(dest="command", required=True)
+    for add_command in (_add_train, _add_eval, _add_profile, _add_generate, _add_hf):
+        add_command(sub)
+    return p
 
-    def distributed(sp):
-        g = sp.add_argument_group("multi-process (arguments of jax.distributed.initialize)")
-        g.add_argument("--coordinator-address", metavar="HOST:PORT")
-        g.add_argument("--num-processes", type=int)
-        g.add_argument("--process-id", type=int)
 
+def _config_help(default: str) -> str:
+    """--config's help, naming the presets the presets directory holds now."""
+    return f"preset name ({', '.join(config.preset_names())}) or a YAML/TOML file ({default})"
+
+
+def _add_distributed(sp) -> None:
+    g = sp.add_argument_group("multi-process (arguments of jax.distributed.initialize)")
+    g.add_argument("--coordinator-address", metavar="HOST:PORT")
+    g.add_argument("--num-processes", type=int)
+    g.add_argument("--process-id", type=int)
+
+
+def _add_train(sub) -> None:
     t = sub.add_parser("train", help="train (resumes from the newest checkpoint in --workdir)")
-    t.add_argument(
-        "--config",
-        help=f"preset name ({presets}) or a YAML/TOML file "
-        "(default: the workdir's config.yaml, else small)",
-    )
+    t.add_argument("--config", help=_config_help("default: the workdir's config.yaml, else small"))
     t.add_argument("--workdir", default=None, help="default: runs/<config name>")
     t.add_argument(
         "--set",
@@ -49,8 +55,10 @@ def _parser() -> argparse.ArgumentParser:
         metavar="STEPS",
         help="stop (with a checkpoint) after this many steps of this invocation",
     )
-    distributed(t)
+    _add_distributed(t)
 
+
+def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint")
     e.add_argument("--workdir", required=True)
     e.add_argument("--step", type=int, help="checkpoint step (default: newest)")
@@ -59,12 +67,12 @@ def _parser() -> argparse.ArgumentParser:
         "--max-tokens", type=int, default=262_144, help="rounded up to whole batches; 0 = all"
     )
     e.add_argument("--json", action="store_true", help="print one JSON object")
-    distributed(e)
+    _add_distributed(e)
 
+
+def _add_profile(sub) -> None:
     pr = sub.add_parser("profile", help="parameters, FLOPs, memory, MFU and routing")
-    pr.add_argument(
-        "--config", help=f"preset name ({presets}) or a YAML/TOML file (default: small)"
-    )
+    pr.add_argument("--config", help=_config_help("default: small"))
     pr.add_argument("--workdir", help="profile a trained workdir (its config and weights)")
     pr.add_argument(
         "--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE"
@@ -84,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--plot", metavar="FILE.png", help="heat map of per-layer expert load")
     pr.add_argument("--json", action="store_true", help="print one JSON object")
 
+
+def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="sample text from a checkpoint with a KV cache")
     g.add_argument("--workdir", required=True)
     g.add_argument("--step", type=int)
@@ -93,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="0 = no limit")
     g.add_argument("--seed", type=int, default=0)
 
+
+def _add_hf(sub) -> None:
     i = sub.add_parser("import-hf", help="a Hugging Face Mixtral checkpoint -> a workdir")
     i.add_argument("src", help="directory with config.json and *.safetensors")
     i.add_argument("--workdir", required=True)
@@ -101,7 +113,6 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("out", help="output directory (config.json, *.safetensors)")
     x.add_argument("--workdir", required=True)
     x.add_argument("--step", type=int, help="checkpoint step (default: newest)")
-    return p
 
 
 def _init_distributed(args) -> None:

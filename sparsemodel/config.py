@@ -408,7 +408,19 @@ def _need(ok: bool, key: str, reason: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks; the mesh against the device count is checked in sharding.py."""
-    m, e, t, d, mesh = cfg.model, cfg.moe, cfg.train, cfg.data, cfg.mesh
+    _check_model(cfg.model)
+    _check_moe(cfg.moe, cfg.model)
+    if cfg.model.share_layers:
+        _check_layer_sharing(cfg)
+    _check_train(cfg.train)
+    _need(bool(cfg.data.source), "data.source", "must not be empty")
+    val_fraction = cfg.data.val_fraction
+    _need(0 < val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {val_fraction}")
+    _check_vocab_for_tokenizer(cfg.model, cfg.data)
+    _check_mesh(cfg)
+
+
+def _check_model(m: ModelConfig) -> None:
     for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab_size"):
         _need(getattr(m, key) > 0, f"model.{key}", f"must be positive, got {getattr(m, key)}")
     _need(
@@ -430,53 +442,63 @@ def validate(cfg: Config) -> None:
     _need(m.init_std > 0, "model.init_std", "must be positive")
     _need(m.rope_theta > 0, "model.rope_theta", "must be positive")
 
-    _need(e.num_experts >= 0, "moe.num_experts", f"must be >= 0 (0 = dense), got {e.num_experts}")
-    if e.num_experts > 0:
-        _need(e.top_k >= 1, "moe.top_k", f"must be >= 1, got {e.top_k}")
-        _need(
-            e.top_k <= e.num_experts,
-            "moe.top_k",
-            f"{e.top_k} exceeds moe.num_experts={e.num_experts}",
-        )
-        _need(e.d_expert > 0, "moe.d_expert", f"must be positive, got {e.d_expert}")
-        _need(e.num_shared >= 0, "moe.num_shared", f"must be >= 0, got {e.num_shared}")
-        _need(e.every >= 1, "moe.every", f"must be >= 1, got {e.every}")
-        _need(
-            0 <= e.first_dense < m.n_layers,
-            "moe.first_dense",
-            f"must be in [0, model.n_layers={m.n_layers}), got {e.first_dense}",
-        )
-        _need(
-            (m.n_layers - e.first_dense) % e.every == 0,
-            "moe.every",
-            f"model.n_layers - moe.first_dense = {m.n_layers - e.first_dense} "
-            f"is not a multiple of {e.every}",
-        )
-        _need(
-            e.capacity_factor > 0,
-            "moe.capacity_factor",
-            f"must be positive, got {e.capacity_factor}",
-        )
-        _need(e.block_size >= 1, "moe.block_size", f"must be >= 1, got {e.block_size}")
-        _need(0 <= e.jitter < 1, "moe.jitter", f"must be in [0, 1), got {e.jitter}")
-        _need(e.lb_coef >= 0, "moe.lb_coef", f"must be >= 0, got {e.lb_coef}")
-        _need(e.z_coef >= 0, "moe.z_coef", f"must be >= 0, got {e.z_coef}")
-    if m.share_layers:
-        g = m.share_layers
-        period = e.every if cfg.is_moe else 1
-        _need(g > 0, "model.share_layers", f"must be >= 0 (0 = no sharing), got {g}")
-        _need(
-            m.n_layers % g == 0,
-            "model.share_layers",
-            f"model.n_layers={m.n_layers} is not a multiple of {g}",
-        )
-        _need(g % period == 0, "model.share_layers", f"{g} is not a multiple of moe.every={period}")
-        _need(
-            not cfg.is_moe or e.first_dense == 0,
-            "model.share_layers",
-            "cannot be combined with moe.first_dense > 0",
-        )
 
+def _check_moe(e: MoEConfig, m: ModelConfig) -> None:
+    """The experts' settings; a dense model (no experts) has none that mean anything."""
+    _need(e.num_experts >= 0, "moe.num_experts", f"must be >= 0 (0 = dense), got {e.num_experts}")
+    if e.num_experts == 0:
+        return
+    _need(e.top_k >= 1, "moe.top_k", f"must be >= 1, got {e.top_k}")
+    _need(
+        e.top_k <= e.num_experts,
+        "moe.top_k",
+        f"{e.top_k} exceeds moe.num_experts={e.num_experts}",
+    )
+    _need(e.d_expert > 0, "moe.d_expert", f"must be positive, got {e.d_expert}")
+    _need(e.num_shared >= 0, "moe.num_shared", f"must be >= 0, got {e.num_shared}")
+    _need(e.every >= 1, "moe.every", f"must be >= 1, got {e.every}")
+    _need(
+        0 <= e.first_dense < m.n_layers,
+        "moe.first_dense",
+        f"must be in [0, model.n_layers={m.n_layers}), got {e.first_dense}",
+    )
+    _need(
+        (m.n_layers - e.first_dense) % e.every == 0,
+        "moe.every",
+        f"model.n_layers - moe.first_dense = {m.n_layers - e.first_dense} "
+        f"is not a multiple of {e.every}",
+    )
+    _need(
+        e.capacity_factor > 0,
+        "moe.capacity_factor",
+        f"must be positive, got {e.capacity_factor}",
+    )
+    _need(e.block_size >= 1, "moe.block_size", f"must be >= 1, got {e.block_size}")
+    _need(0 <= e.jitter < 1, "moe.jitter", f"must be in [0, 1), got {e.jitter}")
+    _need(e.lb_coef >= 0, "moe.lb_coef", f"must be >= 0, got {e.lb_coef}")
+    _need(e.z_coef >= 0, "moe.z_coef", f"must be >= 0, got {e.z_coef}")
+
+
+def _check_layer_sharing(cfg: Config) -> None:
+    """model.share_layers: the scan repeats whole groups of layers, MoE pattern included."""
+    m, e = cfg.model, cfg.moe
+    g = m.share_layers
+    period = e.every if cfg.is_moe else 1
+    _need(g > 0, "model.share_layers", f"must be >= 0 (0 = no sharing), got {g}")
+    _need(
+        m.n_layers % g == 0,
+        "model.share_layers",
+        f"model.n_layers={m.n_layers} is not a multiple of {g}",
+    )
+    _need(g % period == 0, "model.share_layers", f"{g} is not a multiple of moe.every={period}")
+    _need(
+        not cfg.is_moe or e.first_dense == 0,
+        "model.share_layers",
+        "cannot be combined with moe.first_dense > 0",
+    )
+
+
+def _check_train(t: TrainConfig) -> None:
     for key in (
         "steps",
         "batch_size",
@@ -503,10 +525,10 @@ def validate(cfg: Config) -> None:
         f"{t.batch_size} is not divisible by train.grad_accum={t.grad_accum}",
     )
 
-    _need(bool(d.source), "data.source", "must not be empty")
-    _need(0 < d.val_fraction < 1, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
-    _check_vocab_for_tokenizer(m, d)
 
+def _check_mesh(cfg: Config) -> None:
+    """Axis sizes, and the axes that split experts and heads dividing what they split."""
+    m, e, mesh = cfg.model, cfg.moe, cfg.mesh
     for key in ("data", "fsdp", "expert", "tensor"):
         size = getattr(mesh, key)
         _need(size == -1 or size >= 1, f"mesh.{key}", f"must be >= 1 or -1 (fill), got {size}")

@@ -48,6 +48,7 @@ import struct
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,9 @@ _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def _hf_value(hf: dict[str, Any], key: str, kind: str, default: Any, where: str) -> Any:
+def _hf_value(
+    hf: dict[str, Any], key: str, kind: str, default: Any = _REQUIRED, *, where: str
+) -> Any:
     """hf[key] checked to be of `kind` (default when absent or null), else ConfigError."""
     if key not in hf and default is _REQUIRED:
         raise ConfigError(f"{where}: missing key {key}")
@@ -108,18 +111,28 @@ def _hf_value(hf: dict[str, Any], key: str, kind: str, default: Any, where: str)
 
 def config_from_hf(hf: dict[str, Any], where: str) -> Config:
     """Our Config for a Mixtral config.json, or ConfigError naming what does not map."""
+    _refuse_unmapped(hf, where)
+    data = _config_dict(hf, where)
+    try:
+        return config_lib.from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: does not map: {e}") from None
+
+
+def _refuse_unmapped(hf: dict[str, Any], where: str) -> None:
+    """ConfigError (one line) for a config.json of another model than ours: not a Mixtral,
+    or a Mixtral whose activation, head size, attention window, biases or RoPE differ."""
 
     def refuse(reason: str):
         raise ConfigError(f"{where}: {reason}")
 
-    def value(key: str, kind: str, default: Any = _REQUIRED, within: dict | None = None) -> Any:
-        return _hf_value(hf if within is None else within, key, kind, default, where)
-
+    value = partial(_hf_value, hf, where=where)
     model_type = hf.get("model_type")
-    if model_type in NOT_MAPPABLE:
+    if isinstance(model_type, str) and model_type in NOT_MAPPABLE:
         refuse(f"model_type {model_type} does not map: it has {NOT_MAPPABLE[model_type]}")
     if model_type != "mixtral":
-        refuse(f"model_type {model_type!r} is not supported (import-hf reads model_type mixtral)")
+        shown = config_lib.bounded(model_type)  # any JSON value: a list or object too
+        refuse(f"model_type {shown} is not supported (import-hf reads model_type mixtral)")
     d, heads = value("hidden_size", "count"), value("num_attention_heads", "count")
     if hf.get("hidden_act", "silu") != "silu":
         refuse(f"hidden_act {hf['hidden_act']!r} does not map (our experts are SwiGLU: silu)")
@@ -136,15 +149,28 @@ def config_from_hf(hf: dict[str, Any], where: str) -> Config:
     for flag in ("attention_bias", "mlp_bias"):
         if value(flag, "flag", False):
             refuse(f"{flag}=true does not map (our projections have no biases)")
-    rope = value("rope_parameters", "mapping", None) or value("rope_scaling", "mapping", {})
+    rope = _rope(hf, where)
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         refuse(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} does not map")
+
+
+def _rope(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    """The RoPE settings: transformers 5's rope_parameters, else rope_scaling ({} if none)."""
+    value = partial(_hf_value, hf, where=where)
+    return value("rope_parameters", "mapping", None) or value("rope_scaling", "mapping", {})
+
+
+def _config_dict(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    """Our config (sections of keys, as config.from_dict reads them) for a Mixtral
+    config.json that _refuse_unmapped has accepted."""
+    value = partial(_hf_value, hf, where=where)
+    heads = value("num_attention_heads", "count")
     theta = value("rope_theta", "number", 1e6)  # 1e6: MixtralConfig's default
-    theta = value("rope_theta", "number", theta, within=rope)  # transformers 5 keeps it here
+    theta = _hf_value(_rope(hf, where), "rope_theta", "number", theta, where=where)  # v5's place
     top_k, ffn = value("num_experts_per_tok", "count", 2), value("intermediate_size", "count")
-    data = {
+    return {
         "model": {
-            "d_model": d,
+            "d_model": value("hidden_size", "count"),
             "n_layers": value("num_hidden_layers", "count"),
             "n_heads": heads,
             "n_kv_heads": value("num_key_value_heads", "count", heads),
@@ -172,10 +198,6 @@ def config_from_hf(hf: dict[str, Any], where: str) -> Config:
         # Fine-tuning defaults: a small learning rate; --set overrides as usual.
         "train": {"lr": 1e-5, "warmup_steps": 10, "steps": 100},
     }
-    try:
-        return config_lib.from_dict(data)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: does not map: {e}") from None
 
 
 def config_to_hf(cfg: Config, source_hf: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -552,25 +574,11 @@ def export_hf(
         raise CheckpointError(f"--workdir {workdir}: holds no checkpoint yet")
     _check_checkpoint_holds(ckpt, step, cfg)
 
-    todo = sorted(
-        slots(cfg), key=lambda s: tuple(map(str, s.leaf))
-    )  # consecutive slots share a leaf
-    cache: dict[tuple, np.ndarray] = {}
-
-    def fetch(slot: Slot) -> np.ndarray:
-        if slot.leaf not in cache:
-            cache.clear()  # hold one parameter at a time
-            cache[slot.leaf] = ckpt.restore_leaf(step, slot.leaf)
-        return slot.to_hf(cache[slot.leaf][slot.index])
-
+    todo = sorted(slots(cfg), key=lambda s: tuple(map(str, s.leaf)))  # a leaf's slots together
+    fetch = _one_leaf_at_a_time(ckpt, step)
     shapes = {s.hf: _hf_shape(s.hf, cfg) for s in todo}
     shards = list(_split(todo, shapes, max_shard_bytes))
-    names = [
-        "model.safetensors"
-        if len(shards) == 1
-        else f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-        for n in range(1, len(shards) + 1)
-    ]
+    names = _shard_names(len(shards))
     with _built_beside(out, f"output {out}") as build:
         try:
             for name, shard in zip(names, shards, strict=True):
@@ -579,20 +587,46 @@ def export_hf(
         finally:
             ckpt.close()
         if len(shards) > 1:
-            index = {
-                "metadata": {"total_size": sum(4 * math.prod(v) for v in shapes.values())},
-                "weight_map": {
-                    s.hf: name for name, shard in zip(names, shards, strict=True) for s in shard
-                },
-            }
-            (build / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-            names.append("model.safetensors.index.json")
+            names.append(_write_index(build, names, shards, shapes))
         (build / "config.json").write_text(json.dumps(hf_cfg, indent=2))
         names.append("config.json")
         if (workdir / "tokenizer.json").is_file():
             shutil.copyfile(workdir / "tokenizer.json", build / "tokenizer.json")
             names.append("tokenizer.json")
     return [out / name for name in names]
+
+
+def _one_leaf_at_a_time(ckpt, step: int) -> Callable[[Slot], np.ndarray]:
+    """slot -> its HF tensor, holding one of our parameters in memory at a time (so slots
+    should come grouped by parameter)."""
+    cache: dict[tuple, np.ndarray] = {}
+
+    def fetch(slot: Slot) -> np.ndarray:
+        if slot.leaf not in cache:
+            cache.clear()
+            cache[slot.leaf] = ckpt.restore_leaf(step, slot.leaf)
+        return slot.to_hf(cache[slot.leaf][slot.index])
+
+    return fetch
+
+
+def _shard_names(n_shards: int) -> list[str]:
+    """The safetensors file names save_pretrained gives n_shards shards."""
+    if n_shards == 1:
+        return ["model.safetensors"]
+    return [f"model-{n:05d}-of-{n_shards:05d}.safetensors" for n in range(1, n_shards + 1)]
+
+
+def _write_index(build: Path, names: list[str], shards, shapes) -> str:
+    """Writes model.safetensors.index.json (total size, tensor -> file); returns its name."""
+    index = {
+        "metadata": {"total_size": sum(4 * math.prod(v) for v in shapes.values())},
+        "weight_map": {
+            s.hf: name for name, shard in zip(names, shards, strict=True) for s in shard
+        },
+    }
+    (build / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return "model.safetensors.index.json"
 
 
 def _check_checkpoint_holds(ckpt, step: int, cfg: Config) -> None:

@@ -1,19 +1,18 @@
 """glibc's heap in a training process: keep freed pages for the next step, and hand them
 back on request. The only module that calls into libc.
 
-XLA:CPU mallocs each step's temporaries as one block from its worker threads (630 MB for
-`small` with 32 experts). A worker thread's glibc arena serves a block that large from
-a fresh mmap and unmaps it when the step frees it, so every step faults every page of it
-in again, each one zeroed by the kernel: 82K minor faults and 0.23 s of system time per
-step of `small` with 4 experts (~0.9 s a step), 154K and 0.5 s with 32 experts. One arena
-that never maps large blocks apart and never trims itself on free keeps those pages for
-the next step: no faults after the first step (tests/test_host_heap.py). PyTorch's and
-JAX's GPU allocators cache device memory for the same reason.
+XLA:CPU mallocs each step's temporaries as one block from its worker threads (hundreds of
+MB for `small`). A worker thread's glibc arena serves a block that large from a fresh mmap
+and unmaps it when the step frees it, so every step faults every page of it in again,
+each one zeroed by the kernel: system time in every step that grows with its temporaries.
+One arena that never maps large blocks apart and never trims itself on free keeps those
+pages for the next step: no faults after the first step (tests/test_host_heap.py).
+PyTorch's and JAX's GPU allocators cache device memory for the same reason.
 
 The price: resident memory stays at its peak (`return_freed_heap`, after each checkpoint
-save, gives the free part back), and XLA's compiler threads share the one arena (~8%
-slower compiles). `sparsemodel train` and `profile` use it; SPARSEMODEL_KEEP_FREED_HEAP=0
-turns it off.
+save, gives the free part back), and XLA's compiler threads share the one arena (slower
+compiles). `sparsemodel train` and `profile` use it; SPARSEMODEL_KEEP_FREED_HEAP=0 turns
+it off.
 """
 
 from __future__ import annotations
@@ -52,9 +51,9 @@ def keep_freed_heap() -> bool:
 def return_freed_heap() -> bool:
     """Asks glibc to hand freed heap pages back to the system (malloc_trim); False where
     there is no glibc. Each save allocates and frees hundreds of buffers on Orbax's and
-    TensorStore's threads, and glibc keeps the fragmented remains: resident memory crept
-    ~0.3 MiB per save over 60 saves of tiny, and with a trim after each save ~0.05 MiB
-    (experiments/long_run.py). The checkpoint thread runs it, off the loop."""
+    TensorStore's threads, and glibc keeps the fragmented remains, so without a trim
+    resident memory creeps up with every save (experiments/long_run.py). The checkpoint
+    thread runs it, off the loop."""
     libc = _libc()
     if libc is None:
         return False

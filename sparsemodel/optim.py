@@ -40,8 +40,8 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     """Scale all gradients by min(1, max_norm / global norm): optax's clip, made cheap.
 
     optax selects between each gradient and its clipped copy; XLA:CPU materialises that
-    select as one more full pass over every gradient, which made the update 2.4x slower
-    for a 32-expert `small` (158 vs 65 ms). A scalar multiply fuses into AdamW's own pass.
+    select as one more full pass over every gradient, a large share of the update when the
+    experts hold most parameters. A scalar multiply fuses into AdamW's own pass.
     The state is optax's (empty), so checkpoints are interchangeable.
     """
 

@@ -46,32 +46,13 @@ def profile(
     tokenizer then encodes the routing batch) to use for routing statistics; otherwise
     freshly initialised ones. count_flops=False skips the second, unrolled compilation
     (slow for the block grouped matmul at large sizes) and with it the `compiled` section."""
-    t = cfg.train
-    tokens_per_step = t.batch_size * t.seq_len
-    counts = flops.param_counts(cfg)
-    per_token = flops.model_flops_per_token(cfg)
-    report: dict = {
-        "params": counts.as_dict(),
-        "flops": {
-            "model_flops_per_token": per_token,
-            "model_flops_per_step": per_token * tokens_per_step,
-            "forward_flops_per_token": per_token / 3,
-            "tokens_per_step": tokens_per_step,
-        },
-    }
+    report: dict = {"params": flops.param_counts(cfg).as_dict(), "flops": _model_flops(cfg)}
     if abstract:
         mesh = sharding.abstract_mesh(cfg.mesh)
-        report["mesh"] = dict(mesh.shape)
         _, target = initialize.abstract_params(cfg, mesh)
+        report["mesh"] = dict(mesh.shape)
         report["params"]["counted_from_shapes"] = initialize.count(target)
-        param_bytes = sharding.bytes_per_device(target)
-        report["memory"] = {
-            "params_bytes_per_device": param_bytes,
-            # AdamW keeps two float32 moments per parameter, sharded like the parameter.
-            "optimizer_bytes_per_device": 2 * param_bytes,
-            "gradient_bytes_per_device": param_bytes,
-            "note": "activations excluded (they depend on remat and the compiler)",
-        }
+        report["memory"] = _abstract_memory(target)
         return report
 
     mesh = sharding.make_mesh(cfg.mesh)
@@ -79,81 +60,126 @@ def profile(
     report["mesh"] = dict(mesh.shape)
     with jax.set_mesh(mesh):
         batch = _real_batch(cfg, mesh, workdir)  # first: bad data stops before any compile
-        graphdef, state = initialize.init_params(cfg, mesh, t.seed)
+        graphdef, state = initialize.init_params(cfg, mesh, cfg.train.seed)
         if param_state is not None:
             state = param_state
         report["params"]["counted_from_arrays"] = initialize.count(state)
-        tx = optim.make_optimizer(t)
+        tx = optim.make_optimizer(cfg.train)
         opt_state = initialize.init_opt_state(tx, state, mesh)
-        step_fn = jax.jit(make_train_step(graphdef, cfg, tx), donate_argnums=(0, 1))
-
+        first_step = (state, opt_state, batch, jnp.int32(1))
         if count_flops:
             log("lowering the training step with loops unrolled, to count its FLOPs ...")
-            with kernels.counting_flops():
-                # A jit of its own: jax caches a function's trace, and reusing step_fn here
-                # would hand the counting form (unrolled, XLA attention) to the timed run.
-                count_fn = jax.jit(make_train_step(graphdef, cfg, tx))
-                counted = _count_flops(count_fn.lower(state, opt_state, batch, jnp.int32(1)))
-            ratio = counted["flops_per_step"] / report["flops"]["model_flops_per_step"]
-            report["compiled"] = {
-                **counted,
-                "hw_model_flops_ratio": ratio,
-                "verdict": _verdict(cfg, ratio),
-            }
+            model_flops = report["flops"]["model_flops_per_step"]
+            report["compiled"] = _compiled_flops(cfg, graphdef, tx, first_step, model_flops)
 
         log("compiling the training step ...")
-        compiled = step_fn.lower(state, opt_state, batch, jnp.int32(1)).compile()
-        mem = compiled.memory_analysis()
-        report["memory"] = {
-            "params_bytes_per_device": sharding.bytes_per_device(state),
-            "optimizer_bytes_per_device": sharding.bytes_per_device(opt_state),
-            "argument_bytes": getattr(mem, "argument_size_in_bytes", None),
-            "output_bytes": getattr(mem, "output_size_in_bytes", None),
-            "temp_bytes": getattr(mem, "temp_size_in_bytes", None),
-            "generated_code_bytes": getattr(mem, "generated_code_size_in_bytes", None),
-        }
-
-        report["routing"] = _routing(cfg, graphdef, state, batch)
+        step_fn = jax.jit(make_train_step(graphdef, cfg, tx), donate_argnums=(0, 1))
+        compiled = step_fn.lower(*first_step).compile()
+        report["memory"] = _compiled_memory(compiled, state, opt_state)
+        report["routing"] = _routing(cfg, graphdef, state, batch)  # before steps donate state
         if plot and report["routing"]:
             plot_load(report["routing"]["load"], plot, cfg)
 
         log(f"timing {steps} steps after one warm-up step ...")
-        times = []
-        state_run, opt_run = state, opt_state
-        for i in range(steps + 1):
-            t0 = time.perf_counter()
-            state_run, opt_run, m = compiled(state_run, opt_run, batch, jnp.int32(i + 1))
-            jax.block_until_ready(m)
-            if i:  # the first call also pays for transfers and allocation
-                times.append(time.perf_counter() - t0)
-        step_s = statistics.median(times)
-        peak, peak_source = hardware.peak_flops_per_device()
-        achieved = report["flops"]["model_flops_per_step"] / step_s
-        report["measured"] = {
-            "step_time_s": step_s,
-            "tokens_per_s": tokens_per_step / step_s,
-            "model_flops_per_s": achieved,
-            "peak_flops_per_s": peak * mesh.size,
-            "peak_source": f"{peak_source} x {mesh.size} device(s)",
-            "mfu": achieved / (peak * mesh.size),
-        }
+        step_s, state, opt_state = _time_steps(compiled, state, opt_state, batch, steps)
+        report["measured"] = _measured(report["flops"], step_s, mesh.size)
         if trace_dir:
             log(f"tracing 3 steps into {trace_dir} ...")
-            with jax.profiler.trace(trace_dir):
-                for i in range(3):
-                    state_run, opt_run, m = compiled(state_run, opt_run, batch, jnp.int32(i + 1))
-                    jax.block_until_ready(m)
+            _trace_steps(compiled, state, opt_state, batch, trace_dir)
             report["trace_dir"] = str(trace_dir)
     return report
+
+
+def _model_flops(cfg: Config) -> dict:
+    """The `flops` section: model FLOPs (PaLM convention) per token and per step."""
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    per_token = flops.model_flops_per_token(cfg)
+    return {
+        "model_flops_per_token": per_token,
+        "model_flops_per_step": per_token * tokens_per_step,
+        "forward_flops_per_token": per_token / 3,
+        "tokens_per_step": tokens_per_step,
+    }
+
+
+def _abstract_memory(target) -> dict:
+    """The `memory` section of --abstract, from the parameters' shapes and shardings."""
+    param_bytes = sharding.bytes_per_device(target)
+    return {
+        "params_bytes_per_device": param_bytes,
+        # AdamW keeps two float32 moments per parameter, sharded like the parameter.
+        "optimizer_bytes_per_device": 2 * param_bytes,
+        "gradient_bytes_per_device": param_bytes,
+        "note": "activations excluded (they depend on remat and the compiler)",
+    }
+
+
+def _compiled_flops(cfg: Config, graphdef, tx, step_args, model_flops_per_step: float) -> dict:
+    """The `compiled` section: FLOPs of the training step lowered with its loops unrolled,
+    and their ratio to the model FLOPs."""
+    with kernels.counting_flops():
+        # A jit of its own: jax caches a function's trace, and reusing the timed step's jit
+        # here would hand the counting form (unrolled, XLA attention) to the timed run.
+        count_fn = jax.jit(make_train_step(graphdef, cfg, tx))
+        counted = _count_flops(count_fn.lower(*step_args))
+    ratio = counted["flops_per_step"] / model_flops_per_step
+    return {**counted, "hw_model_flops_ratio": ratio, "verdict": _verdict(cfg, ratio)}
+
+
+def _compiled_memory(compiled, state, opt_state) -> dict:
+    """The `memory` section: the compiled step's buffers and the state's bytes per device."""
+    mem = compiled.memory_analysis()
+    return {
+        "params_bytes_per_device": sharding.bytes_per_device(state),
+        "optimizer_bytes_per_device": sharding.bytes_per_device(opt_state),
+        "argument_bytes": getattr(mem, "argument_size_in_bytes", None),
+        "output_bytes": getattr(mem, "output_size_in_bytes", None),
+        "temp_bytes": getattr(mem, "temp_size_in_bytes", None),
+        "generated_code_bytes": getattr(mem, "generated_code_size_in_bytes", None),
+    }
+
+
+def _time_steps(compiled, state, opt_state, batch, steps: int):
+    """(median seconds of `steps` steps after one warm-up step, state, opt_state after them)."""
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        state, opt_state, m = compiled(state, opt_state, batch, jnp.int32(i + 1))
+        jax.block_until_ready(m)
+        if i:  # the first call also pays for transfers and allocation
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), state, opt_state
+
+
+def _measured(model_flops: dict, step_s: float, n_devices: int) -> dict:
+    """The `measured` section: throughput and MFU of a step of step_s seconds."""
+    peak, peak_source = hardware.peak_flops_per_device()
+    achieved = model_flops["model_flops_per_step"] / step_s
+    return {
+        "step_time_s": step_s,
+        "tokens_per_s": model_flops["tokens_per_step"] / step_s,
+        "model_flops_per_s": achieved,
+        "peak_flops_per_s": peak * n_devices,
+        "peak_source": f"{peak_source} x {n_devices} device(s)",
+        "mfu": achieved / (peak * n_devices),
+    }
+
+
+def _trace_steps(compiled, state, opt_state, batch, trace_dir: str) -> None:
+    """A jax.profiler trace of 3 steps in trace_dir."""
+    with jax.profiler.trace(trace_dir):
+        for i in range(3):
+            state, opt_state, m = compiled(state, opt_state, batch, jnp.int32(i + 1))
+            jax.block_until_ready(m)
 
 
 def _count_flops(lowered) -> dict:
     """FLOPs of the compiled step: XLA's cost analysis on CPU, its matmuls elsewhere.
 
     XLA:CPU's cost analysis counts everything, elementwise work included. XLA:GPU's leaves
-    out the matmuls it hands to cuBLAS (0.19x a dense model's FLOPs on an H200), so off CPU
-    the count is the compiled program's matmuls, read from its HLO (`hlo_flops`). Both are
-    reported where both exist; custom calls that neither can count are listed.
+    out the matmuls it hands to cuBLAS, so off CPU the count is the compiled program's
+    matmuls, read from its HLO (`hlo_flops`). Both are reported where both exist; custom
+    calls that neither can count are listed.
     """
     compiled = lowered.compile()
     matmuls = hlo_flops.count(compiled.as_text())
@@ -269,9 +295,25 @@ def _mib(x) -> str:
 
 
 def format_report(r: dict) -> str:
-    p, f = r["params"], r["flops"]
-    lines = ["mesh: " + " x ".join(f"{k}={v}" for k, v in r["mesh"].items()), "", "parameters"]
-    lines += [
+    """The report as the table `sparsemodel profile` prints."""
+    lines = ["mesh: " + " x ".join(f"{k}={v}" for k, v in r["mesh"].items())]
+    lines += _params_lines(r["params"]) + _flops_lines(r["flops"])
+    if "compiled" in r:
+        lines += _compiled_lines(r["compiled"])
+    lines += _memory_lines(r.get("memory", {}))
+    if "measured" in r:
+        lines += _measured_lines(r["measured"])
+    if r.get("routing"):
+        lines += _routing_lines(r["routing"])
+    if "trace_dir" in r:
+        lines += ["", f"trace: {r['trace_dir']} (tensorboard --logdir, or ui.perfetto.dev)"]
+    return "\n".join(lines)
+
+
+def _params_lines(p: dict) -> list[str]:
+    lines = [
+        "",
+        "parameters",
         f"  total              {p['total']:>18,}",
         f"  unique (stored)    {p['unique']:>18,}",
         f"  embedding          {p['embedding']:>18,}",
@@ -283,7 +325,11 @@ def format_report(r: dict) -> str:
     lines.append("  by component (unique):")
     for k, v in p["breakdown"].items():
         lines.append(f"    {k:<16} {v:>18,}")
-    lines += [
+    return lines
+
+
+def _flops_lines(f: dict) -> list[str]:
+    return [
         "",
         "FLOPs (model, PaLM convention)",
         f"  per token, train   {_si(f['model_flops_per_token'], 'FLOP')}",
@@ -291,20 +337,24 @@ def format_report(r: dict) -> str:
         f"  per step, train    {_si(f['model_flops_per_step'], 'FLOP')} "
         f"({f['tokens_per_step']:,} tokens)",
     ]
-    if "compiled" in r:
-        c = r["compiled"]
-        lines += [
-            "",
-            f"compiled (the real training step, counted by {c['source']})",
-            f"  FLOPs per step     {_si(c['flops_per_step'], 'FLOP')}",
-            f"  of them matmuls    {_si(c['matmul_flops_per_step'], 'FLOP')}",
-            f"  hw / model FLOPs   {c['hw_model_flops_ratio']:.3f}",
-            f"  {c['verdict']}",
-        ]
-        if c["uncounted_custom_calls"]:
-            lines.append(f"  not counted        {c['uncounted_custom_calls']}")
-    m = r.get("memory", {})
-    lines += [
+
+
+def _compiled_lines(c: dict) -> list[str]:
+    lines = [
+        "",
+        f"compiled (the real training step, counted by {c['source']})",
+        f"  FLOPs per step     {_si(c['flops_per_step'], 'FLOP')}",
+        f"  of them matmuls    {_si(c['matmul_flops_per_step'], 'FLOP')}",
+        f"  hw / model FLOPs   {c['hw_model_flops_ratio']:.3f}",
+        f"  {c['verdict']}",
+    ]
+    if c["uncounted_custom_calls"]:
+        lines.append(f"  not counted        {c['uncounted_custom_calls']}")
+    return lines
+
+
+def _memory_lines(m: dict) -> list[str]:
+    lines = [
         "",
         "memory per device",
         f"  parameters         {_mib(m.get('params_bytes_per_device'))}",
@@ -316,30 +366,31 @@ def format_report(r: dict) -> str:
             lines.append(f"  {name:<18} {_mib(m[k])}")
     if "note" in m:
         lines.append(f"  ({m['note']})")
-    if "measured" in r:
-        s = r["measured"]
-        lines += [
-            "",
-            "measured",
-            f"  step time          {s['step_time_s'] * 1e3:.1f} ms (median)",
-            f"  tokens/s           {s['tokens_per_s']:,.0f}",
-            f"  model FLOP/s       {_si(s['model_flops_per_s'], 'FLOP/s')}",
-            f"  peak FLOP/s        {_si(s['peak_flops_per_s'], 'FLOP/s')} ({s['peak_source']})",
-            f"  MFU                {s['mfu']:.1%}",
-        ]
-    if r.get("routing"):
-        q = r["routing"]
-        lines += [
-            "",
-            "routing on a real batch (per MoE layer)",
-            "  layer  max load  dropped  entropy  load per expert (x E)",
-        ]
-        for i, load in enumerate(q["load"]):
-            loads = " ".join(f"{x * len(load):.2f}" for x in load)
-            lines.append(
-                f"  {i:>5}  {q['max_load'][i]:>8.2f}  {q['dropped'][i]:>7.3f}  "
-                f"{q['entropy'][i]:>7.3f}  {loads}"
-            )
-    if "trace_dir" in r:
-        lines += ["", f"trace: {r['trace_dir']} (tensorboard --logdir, or ui.perfetto.dev)"]
-    return "\n".join(lines)
+    return lines
+
+
+def _measured_lines(s: dict) -> list[str]:
+    return [
+        "",
+        "measured",
+        f"  step time          {s['step_time_s'] * 1e3:.1f} ms (median)",
+        f"  tokens/s           {s['tokens_per_s']:,.0f}",
+        f"  model FLOP/s       {_si(s['model_flops_per_s'], 'FLOP/s')}",
+        f"  peak FLOP/s        {_si(s['peak_flops_per_s'], 'FLOP/s')} ({s['peak_source']})",
+        f"  MFU                {s['mfu']:.1%}",
+    ]
+
+
+def _routing_lines(q: dict) -> list[str]:
+    lines = [
+        "",
+        "routing on a real batch (per MoE layer)",
+        "  layer  max load  dropped  entropy  load per expert (x E)",
+    ]
+    for i, load in enumerate(q["load"]):
+        loads = " ".join(f"{x * len(load):.2f}" for x in load)
+        lines.append(
+            f"  {i:>5}  {q['max_load'][i]:>8.2f}  {q['dropped'][i]:>7.3f}  "
+            f"{q['entropy'][i]:>7.3f}  {loads}"
+        )
+    return lines

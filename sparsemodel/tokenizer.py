@@ -301,8 +301,8 @@ def train_bpe(raw: np.ndarray, vocab_size: int) -> JsonTokenizer:
 
     Deterministic: the same bytes give the same tokenizer.json. Non-UTF-8 bytes are left
     out of the merge statistics (they are always encodable: the 256 byte symbols are the
-    initial alphabet). Measured on two (shared) cores: the stdlib training split (30 MB)
-    trains to 4,096 tokens in 13-21 s, once per workdir.
+    initial alphabet). Training on a whole corpus is slow, so a workdir trains once and
+    keeps its tokenizer.json.
     """
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers

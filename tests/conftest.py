@@ -15,13 +15,12 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE_DIR))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # Commands started by tests compile far more than they run, and XLA's compiler threads
-# share one glibc arena under host_heap (8% slower test_train.py, measured): tests that
-# are not about the heap run without it; tests/test_host_heap.py runs `train` with it.
+# share one glibc arena under host_heap (slower compiles): tests that are not about the
+# heap run without it; tests/test_host_heap.py runs `train` with it.
 os.environ.setdefault("SPARSEMODEL_KEEP_FREED_HEAP", "0")
-# The tests compile far more than they run (tiny models), and XLA:CPU's LLVM backend at -O0
-# compiles ~25% faster (test_train, test_profile and test_model from an empty cache: 393 s
-# -> 294 s). The HLO passes still run, so every FLOP count and HLO check sees the same
-# program. Subprocesses inherit it (test_sharding.env_with keeps it).
+# The tests compile far more than they run (tiny models), and XLA:CPU's LLVM backend
+# compiles faster at -O0. The HLO passes still run, so every FLOP count and HLO check sees
+# the same program. Subprocesses inherit it (test_sharding.env_with keeps it).
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()

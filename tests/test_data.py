@@ -152,7 +152,6 @@ def test_non_utf8_bytes_are_tokens(tmp_path):
     corpus = data.load_corpus(str(path), 0.1)
     tokens = np.concatenate([corpus.train, corpus.val])
     np.testing.assert_array_equal(tokens, np.tile(np.arange(256), 50))
-    assert set(np.unique(tokens).tolist()) == set(range(256))
 
 
 def test_non_utf8_bytes_in_a_directory(tmp_path):
@@ -350,10 +349,6 @@ def test_directory_without_files(tmp_path, hidden):
     with pytest.raises(data.DataError) as exc:
         data.load_corpus(str(root), 0.1)
     assert "holds no files" in one_line_data_error(exc)
-
-
-def test_data_error_is_a_value_error():
-    assert issubclass(data.DataError, ValueError)
 
 
 def test_check_length():

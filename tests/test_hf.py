@@ -140,6 +140,8 @@ MIXTRAL_JSON = {
         ),
         ({"model_type": "olmoe"}, "olmoe does not map: it has q/k RMSNorm"),
         ({"model_type": "llama"}, "model_type 'llama' is not supported"),
+        ({"model_type": ["mixtral"]}, "model_type ['mixtral'] is not supported"),
+        ({"model_type": {"a": 1}}, "model_type {'a': 1} is not supported"),
         ({"sliding_window": 1024}, "sliding_window 1024 < max_position_embeddings 4096"),
         ({"head_dim": 32}, "head_dim 32 != hidden_size/num_attention_heads"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu' does not map"),

@@ -170,7 +170,7 @@ def ref_token_choice(layer, x):
         (4, 1, 13, 32, 1),  # one block bigger than all assignments, shared expert
         (8, 2, 24, 7, 0),
         (8, 1, 9, 1, 1),  # one row per block
-        (4, 2, 120, 256, 0),  # blocks of 256 down to 32 (smallest_block's cap)
+        (4, 2, 120, 256, 0),  # no expert fills 256 rows: each runs one block (a multiple of 32)
         (8, 2, 3, 512, 0),  # decoding-sized: blocks longer than the whole buffer
         (4, 2, 120, 32, 0),  # whole blocks of 32, then the rest (8-24 rows) in one block
     ],
@@ -711,9 +711,9 @@ def test_dispatch_and_combine_gradients_equal_plain_indexing(kind):
 
 @pytest.mark.parametrize("block", [3, 8])
 def test_counted_block_form_equals_the_per_expert_loops(block):
-    # Training runs loop_swiglu (whole blocks, then the rest in one block of its size);
-    # cost analysis counts scan_swiglu. Same values and gradients, with some experts
-    # given no rows at all and others many.
+    # Training runs loop_swiglu (whole blocks of 8 rows, then the rest in one block of 2,
+    # 4 or 6 for block=8; blocks of 3 for block=3); cost analysis counts scan_swiglu.
+    # Same values and gradients, with some experts given no rows at all and others many.
     n_tokens, k, n_experts, d, f = 23, 2, 6, 8, 12
     choice = np.random.default_rng(0).choice([0, 2, 3, 5], (n_tokens, k), p=[0.6, 0.2, 0.1, 0.1])
     experts = jnp.asarray(choice, jnp.int32)

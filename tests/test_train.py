@@ -352,7 +352,7 @@ def test_sigkill_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_orbax_io_metric_collection_is_off():
-    # It leaked ~80 KiB per save (experiments/long_run.py); checkpoint.py turns it off.
+    # It leaks memory on every save (experiments/long_run.py); checkpoint.py turns it off.
     from orbax.checkpoint._src.serialization import tensorstore_utils
 
     import sparsemodel.checkpoint  # noqa: F401
