@@ -29,14 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from sparsemodel import checksum
+from sparsemodel import checksum, layouts
 from sparsemodel.config import ConfigError, check_model_record
 from sparsemodel.files import StorageError, free_name, storage_error
 from sparsemodel.host_heap import return_freed_heap
 
-# 1: before the record (no format, model, shapes or checksums in meta).
-# 2: meta holds format, model, shapes and checksums.
-FORMAT = 2
+FORMAT = layouts.FORMAT  # the format every save writes (layouts.py lists them all)
 
 
 def _skip_tensorstore_io_metrics() -> None:
@@ -281,8 +279,9 @@ class Checkpointer:
         return self._upgrade(step, meta)
 
     def _upgrade(self, step: int, meta: dict[str, Any]) -> dict[str, Any]:
-        """Brings an older checkpoint's meta to FORMAT. Format 1 had no record: its shapes
-        come from Orbax's own metadata; it has no model record or checksums to check."""
+        """Completes an older checkpoint's record (its arrays keep their stored layout:
+        see layouts.py). Format 1 had none: its shapes come from Orbax's own metadata, and
+        it has no model record or checksums to check."""
         version = meta.get("format", 1)
         if version > FORMAT:
             raise CheckpointError(
@@ -320,10 +319,14 @@ class Checkpointer:
         is not damaged). Damage, including any array whose bytes fail their checksum,
         raises CheckpointError."""
         meta = self.meta(step)
-        self.check_model(step, meta, abstract_params, model)
-        items = {"params": ocp.args.StandardRestore(abstract_params)}
+        version = meta["format"]
+        stored_params = layouts.stored(version, abstract_params)  # the layout on disk
+        self.check_model(step, meta, stored_params, model)
+        items = {"params": ocp.args.StandardRestore(stored_params)}
         if abstract_opt_state is not None and not meta.get("params_only"):
-            items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+            items["opt_state"] = ocp.args.StandardRestore(
+                layouts.stored(version, abstract_opt_state)
+            )
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds on bad files
@@ -332,7 +335,7 @@ class Checkpointer:
             ) from e
         params, opt_state = out["params"], out.get("opt_state")
         self._verify(step, meta, {"params": params, "opt_state": opt_state})
-        return params, opt_state, meta
+        return layouts.upgrade(version, params), layouts.upgrade(version, opt_state), meta
 
     def _verify(self, step: int, meta, trees: dict) -> None:
         expected = meta.get("checksums") or {}
@@ -345,14 +348,28 @@ class Checkpointer:
                 )
 
     def restore_leaf(self, step: int, path: tuple) -> np.ndarray:
-        """One parameter of a step as a host numpy array, e.g. ('units', 'blocks', 0, 'attn',
-        'wq'), checked against its checksum: lets export stream a checkpoint one parameter
-        at a time."""
-        keys = tuple(map(str, path)) + ("value",)  # nnx.Param's leaf; list indices as strings
+        """One parameter of a step, in today's layout, as a host numpy array, e.g. ('units',
+        'blocks', 0, 'attn', 'wq'), each stored array checked against its checksum: lets
+        export stream a checkpoint one parameter at a time."""
+        meta = self.meta(step)
+        version = meta["format"]
+        arrays = []
+        for stored_path in layouts.stored_leaves(version, tuple(map(str, path))):
+            array = self._read_leaf(step, stored_path)
+            name = "params/" + "/".join(stored_path)
+            expected = meta.get("checksums", {}).get(name)
+            if expected is not None and expected != checksum.hex_of(checksum.numpy_checksum(array)):
+                raise CheckpointError(
+                    f"checkpoint step {step} is damaged: {name} fails its checksum"
+                )
+            arrays.append(array)
+        return layouts.combine_leaves(version, tuple(map(str, path)), arrays)
+
+    def _read_leaf(self, step: int, path: tuple) -> np.ndarray:
+        keys = path + ("value",)  # nnx.Param's leaf; list indices as strings
         item, args = 0, ocp.RestoreArgs(restore_type=np.ndarray)
         for key in reversed(keys):
             item, args = {key: item}, {key: args}
-        meta = self.meta(step)
         try:
             with ocp.PyTreeCheckpointer() as c:
                 out = c.restore(
@@ -361,14 +378,10 @@ class Checkpointer:
                 )
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds on bad files
             raise CheckpointError(
-                f"checkpoint step {step}: cannot read {path}: {_reason(e)}"
+                f"checkpoint step {step}: cannot read {'/'.join(path)}: {_reason(e)}"
             ) from e
         for key in keys:
             out = out[key]
-        name = "params/" + "/".join(map(str, path))
-        expected = meta.get("checksums", {}).get(name)
-        if expected is not None and expected != checksum.hex_of(checksum.numpy_checksum(out)):
-            raise CheckpointError(f"checkpoint step {step} is damaged: {name} fails its checksum")
         return out
 
     def read(self, step: int | None, abstract_params, model=None):

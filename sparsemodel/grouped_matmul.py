@@ -100,7 +100,7 @@ class StackedExperts(NamedTuple):
     through `weights` (stop_gradient); all of it goes through `sink`.
     """
 
-    weights: tuple  # gate, up, down: [U, E, D, F], [U, E, D, F], [U, E, F, D]
+    weights: tuple  # gate_up [U, E, D, 2, F], down [U, E, F, D]
     layer: jax.Array  # int32 []: the layer being run
     sink: tuple  # the same arrays as the gradient's way back
 
@@ -110,9 +110,9 @@ class StackedExperts(NamedTuple):
         return cls(tuple(jax.lax.stop_gradient(w) for w in weights), layer, sink)
 
     @classmethod
-    def single(cls, w_gate, w_up, w_down) -> StackedExperts:
-        """One layer's weights [E, D, F] as a stack of one."""
-        return cls.of(tuple(w[None] for w in (w_gate, w_up, w_down)), jnp.int32(0))
+    def single(cls, w_gate_up, w_down) -> StackedExperts:
+        """One layer's weights [E, D, 2, F], [E, F, D] as a stack of one."""
+        return cls.of((w_gate_up[None], w_down[None]), jnp.int32(0))
 
 
 def loop_swiglu(x_rd, rows: ExpertRows, block: int, experts: StackedExperts):
@@ -124,27 +124,30 @@ def loop_swiglu(x_rd, rows: ExpertRows, block: int, experts: StackedExperts):
     return y, experts._replace(sink=sink)
 
 
-def swiglu_forward(xb, wg, wu, wd):
-    """One block through one expert: y [B, D], and g, u [B, F] kept for the backward."""
-    g = xb @ wg  # [B, F]
-    u = xb @ wu  # [B, F]
-    return (jax.nn.silu(g) * u) @ wd, g, u  # [B, D]
+def swiglu_forward(xb, w_gate_up, w_down):
+    """One block through one expert: y [B, D], and h [B, 2F] (gate then up) kept for the
+    backward. w_gate_up [D, 2, F] runs as one [D, 2F] matmul."""
+    d, _, f = w_gate_up.shape
+    h = xb @ w_gate_up.reshape(d, 2 * f)  # [B, 2F]
+    return (jax.nn.silu(h[:, :f]) * h[:, f:]) @ w_down, h  # [B, D]
 
 
-def swiglu_backward(xb, g, u, dy, wg, wu, wd):
-    """Gradients of one block: dx [B, D] and the weight gradients [D, F], [D, F], [F, D]."""
+def swiglu_backward(xb, h, dy, w_gate_up, w_down):
+    """Gradients of one block: dx [B, D] and the weight gradients [D, 2, F], [F, D]."""
+    d, _, f = w_gate_up.shape
+    g, u = h[:, :f], h[:, f:]
     sg = jax.nn.sigmoid(g.astype(jnp.float32)).astype(g.dtype)
     silu_g = g * sg
-    dh = dy @ wd.T  # [B, F]
-    du = dh * silu_g
+    dh = dy @ w_down.T  # [B, F]
     dg = dh * u * (sg * (1 + g * (1 - sg)))  # silu'(g) = s(g) (1 + g (1 - s(g)))
-    dx = dg @ wg.T + du @ wu.T  # [B, D]
-    return dx, xb.T @ dg, xb.T @ du, (silu_g * u).T @ dy
+    dgu = jnp.concatenate([dg, dh * silu_g], axis=-1)  # [B, 2F]
+    dx = dgu @ w_gate_up.reshape(d, 2 * f).T  # [B, D]
+    return dx, (xb.T @ dgu).reshape(d, 2, f), (silu_g * u).T @ dy
 
 
-def _expert_weights(index, w_gate, w_up, w_down, dtype):
-    """One expert's [D, F], [D, F], [F, D] weights: index is (e,) or (layer, e)."""
-    return tuple(w[index].astype(dtype) for w in (w_gate, w_up, w_down))
+def _expert_weights(index, w_gate_up, w_down, dtype):
+    """One expert's [D, 2, F] and [F, D] weights: index is (e,) or (layer, e)."""
+    return w_gate_up[index].astype(dtype), w_down[index].astype(dtype)
 
 
 # ------------------------------------------------------------- per-expert loops (runs)
@@ -169,14 +172,14 @@ def _each_block(start, n_rows, block: int, body, carry, n_buffer: int):
     return carry
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(10,))
-def expert_swiglu(x_rd, start, padded, w_gate, w_up, w_down, layer, s_gate, s_up, s_down, block):
+@partial(jax.custom_vjp, nondiff_argnums=(8,))
+def expert_swiglu(x_rd, start, padded, w_gate_up, w_down, layer, s_gate_up, s_down, block):
     """Expert e's rows are start[e] .. start[e] + padded[e] - 1; its weights are
     w_*[layer, e] of the stacked [U, E, ...] weights. Returns y [R, D] and the sinks
     s_* unchanged; the backward adds the weight gradient of layer `layer` into the
     sinks' cotangents (see StackedExperts)."""
-    w = (w_gate, w_up, w_down)
-    return _expert_forward(x_rd, start, padded, w, layer, block)[0], (s_gate, s_up, s_down)
+    w = (w_gate_up, w_down)
+    return _expert_forward(x_rd, start, padded, w, layer, block)[0], (s_gate_up, s_down)
 
 
 def _expert_forward(x_rd, start, padded, w_stack, layer, block):
@@ -186,26 +189,25 @@ def _expert_forward(x_rd, start, padded, w_stack, layer, block):
         w = _expert_weights((layer, e), *w_stack, dtype)
 
         def body(carry, first, size):
-            y, g, u = carry
-            yb, gb, ub = swiglu_forward(jax.lax.dynamic_slice_in_dim(x_rd, first, size), *w)
+            y, h = carry
+            yb, hb = swiglu_forward(jax.lax.dynamic_slice_in_dim(x_rd, first, size), *w)
             put = jax.lax.dynamic_update_slice_in_dim
-            return put(y, yb, first, 0), put(g, gb, first, 0), put(u, ub, first, 0)
+            return put(y, yb, first, 0), put(h, hb, first, 0)
 
         return _each_block(start[e], padded[e], block, body, carry, x_rd.shape[0])
 
-    n = x_rd.shape[0]
-    empty = (jnp.zeros_like(x_rd), jnp.zeros((n, f), dtype), jnp.zeros((n, f), dtype))
-    return jax.lax.fori_loop(0, w_stack[0].shape[1], expert, empty)  # y, g, u [R, *]
+    empty = (jnp.zeros_like(x_rd), jnp.zeros((x_rd.shape[0], 2 * f), dtype))
+    return jax.lax.fori_loop(0, w_stack[0].shape[1], expert, empty)  # y [R, D], h [R, 2F]
 
 
-def _expert_fwd(x_rd, start, padded, w_gate, w_up, w_down, layer, s_gate, s_up, s_down, block):
-    w = (w_gate, w_up, w_down)
-    y, g, u = _expert_forward(x_rd, start, padded, w, layer, block)
-    return (y, (s_gate, s_up, s_down)), (x_rd, start, padded, w, layer, g, u)
+def _expert_fwd(x_rd, start, padded, w_gate_up, w_down, layer, s_gate_up, s_down, block):
+    w = (w_gate_up, w_down)
+    y, h = _expert_forward(x_rd, start, padded, w, layer, block)
+    return (y, (s_gate_up, s_down)), (x_rd, start, padded, w, layer, h)
 
 
 def _expert_bwd(block, res, cotangents):
-    x_rd, start, padded, w_stack, layer, g_rf, u_rf = res
+    x_rd, start, padded, w_stack, layer, h_rf = res
     dy_rd, sinks = cotangents
     dtype = x_rd.dtype
 
@@ -215,14 +217,14 @@ def _expert_bwd(block, res, cotangents):
         def body(carry, first, size):
             dx, sinks = carry
             rows = lambda a: jax.lax.dynamic_slice_in_dim(a, first, size)  # noqa: E731
-            dxb, *grads = swiglu_backward(rows(x_rd), rows(g_rf), rows(u_rf), rows(dy_rd), *w)
+            dxb, *grads = swiglu_backward(rows(x_rd), rows(h_rf), rows(dy_rd), *w)
             dx = jax.lax.dynamic_update_slice_in_dim(dx, dxb, first, 0)
             return dx, tuple(_add_at(s, (layer, e), g) for s, g in zip(sinks, grads, strict=True))
 
         return _each_block(start[e], padded[e], block, body, carry, x_rd.shape[0])
 
     dx, sinks = jax.lax.fori_loop(0, w_stack[0].shape[1], expert, (jnp.zeros_like(x_rd), sinks))
-    return dx, None, None, None, None, None, None, *sinks
+    return dx, None, None, None, None, None, *sinks
 
 
 expert_swiglu.defvjp(_expert_fwd, _expert_bwd)
@@ -239,72 +241,68 @@ def _add_at(stack, index: tuple, g):
 # ------------------------------------------------- static-bound block scan (counted)
 
 
-def scan_swiglu(x_rd, rows: ExpertRows, block: int, w_gate, w_up, w_down):
+def scan_swiglu(x_rd, rows: ExpertRows, block: int, w_gate_up, w_down):
     """x_rd [R, D] laid out by `rows` (in blocks of smallest_block(block) rows), through one
     layer's weights [E, ...] as a scan over the static bound of blocks: -> y [R, D]."""
     x_nsd = x_rd.reshape(-1, smallest_block(block), x_rd.shape[-1])  # [R/S, S, D]
-    y = block_swiglu(x_nsd, rows.block_expert, rows.n_used, w_gate, w_up, w_down)
+    y = block_swiglu(x_nsd, rows.block_expert, rows.n_used, w_gate_up, w_down)
     return y.reshape(x_rd.shape)
 
 
 @jax.custom_vjp
-def block_swiglu(x_nbd, block_expert, n_used, w_gate, w_up, w_down):
+def block_swiglu(x_nbd, block_expert, n_used, w_gate_up, w_down):
     """block_expert [N] expert of each block; blocks >= n_used are padding and give zeros."""
-    return _block_forward(x_nbd, block_expert, n_used, w_gate, w_up, w_down)[0]
+    return _block_forward(x_nbd, block_expert, n_used, w_gate_up, w_down)[0]
 
 
-def _block_forward(x_nbd, block_expert, n_used, w_gate, w_up, w_down):
-    dtype, f = x_nbd.dtype, w_gate.shape[-1]
+def _block_forward(x_nbd, block_expert, n_used, w_gate_up, w_down):
+    dtype, f = x_nbd.dtype, w_gate_up.shape[-1]
 
     def one(_, inputs):
         i, xb, e = inputs
 
         def compute(xb):
-            return swiglu_forward(xb, *_expert_weights((e,), w_gate, w_up, w_down, dtype))
+            return swiglu_forward(xb, *_expert_weights((e,), w_gate_up, w_down, dtype))
 
         def skip(xb):
-            zeros_f = jnp.zeros(xb.shape[:1] + (f,), dtype)
-            return jnp.zeros_like(xb), zeros_f, zeros_f
+            return jnp.zeros_like(xb), jnp.zeros(xb.shape[:1] + (2 * f,), dtype)
 
         return None, jax.lax.cond(i < n_used, compute, skip, xb)
 
     idx = jnp.arange(x_nbd.shape[0])
     # Unrolled: this form exists for XLA's FLOP count, which counts a loop body once.
-    _, (y, g, u) = jax.lax.scan(one, None, (idx, x_nbd, block_expert), unroll=True)
-    return y, g, u
+    _, (y, h) = jax.lax.scan(one, None, (idx, x_nbd, block_expert), unroll=True)
+    return y, h
 
 
-def _block_fwd(x_nbd, block_expert, n_used, w_gate, w_up, w_down):
-    y, g, u = _block_forward(x_nbd, block_expert, n_used, w_gate, w_up, w_down)
-    return y, (x_nbd, block_expert, n_used, w_gate, w_up, w_down, g, u)
+def _block_fwd(x_nbd, block_expert, n_used, w_gate_up, w_down):
+    y, h = _block_forward(x_nbd, block_expert, n_used, w_gate_up, w_down)
+    return y, (x_nbd, block_expert, n_used, w_gate_up, w_down, h)
 
 
 def _block_bwd(res, dy_nbd):
-    x_nbd, block_expert, n_used, w_gate, w_up, w_down, g_nbf, u_nbf = res
+    x_nbd, block_expert, n_used, w_gate_up, w_down, h_nbf = res
     dtype = x_nbd.dtype
 
     def one(grads, inputs):
-        i, xb, e, g, u, dy = inputs
+        i, xb, e, h, dy = inputs
 
         def compute(grads):
-            dwg, dwu, dwd = grads
-            w = _expert_weights((e,), w_gate, w_up, w_down, dtype)
-            dx, dg, du, dd = swiglu_backward(xb, g, u, dy, *w)
-            dwg = dwg.at[e].add(dg.astype(dwg.dtype))  # in place: one expert's slice
-            dwu = dwu.at[e].add(du.astype(dwu.dtype))
-            dwd = dwd.at[e].add(dd.astype(dwd.dtype))
-            return (dwg, dwu, dwd), dx
+            w = _expert_weights((e,), w_gate_up, w_down, dtype)
+            dx, *dw = swiglu_backward(xb, h, dy, *w)
+            # in place: one expert's slice of each gradient
+            return tuple(a.at[e].add(d.astype(a.dtype)) for a, d in zip(grads, dw, strict=True)), dx
 
         def skip(grads):
             return grads, jnp.zeros_like(xb)
 
         return jax.lax.cond(i < n_used, compute, skip, grads)
 
-    zeros = (jnp.zeros_like(w_gate), jnp.zeros_like(w_up), jnp.zeros_like(w_down))
+    zeros = (jnp.zeros_like(w_gate_up), jnp.zeros_like(w_down))
     idx = jnp.arange(x_nbd.shape[0])
-    xs = (idx, x_nbd, block_expert, g_nbf, u_nbf, dy_nbd)
-    (dwg, dwu, dwd), dx = jax.lax.scan(one, zeros, xs, unroll=True)
-    return dx, None, None, dwg, dwu, dwd
+    xs = (idx, x_nbd, block_expert, h_nbf, dy_nbd)
+    (dwgu, dwd), dx = jax.lax.scan(one, zeros, xs, unroll=True)
+    return dx, None, None, dwgu, dwd
 
 
 block_swiglu.defvjp(_block_fwd, _block_bwd)
@@ -314,37 +312,38 @@ block_swiglu.defvjp(_block_fwd, _block_bwd)
 
 
 @jax.custom_vjp
-def batched_swiglu(x_nbd, block_expert, w_gate, w_up, w_down):
+def batched_swiglu(x_nbd, block_expert, w_gate_up, w_down):
     """Every block of rows [N, B, D] through its expert's weights in one batched matmul.
 
     The GPU form: no loop (a GPU while loop syncs with the host on every trip) and big
-    cuBLAS batches, for the price of copying each block's expert weights ([N, D, F] per
-    matrix) and computing the padding blocks. Padding blocks hold zero rows, so they add
-    nothing to any gradient.
+    cuBLAS batches, for the price of copying each block's expert weights ([N, D, 2F] and
+    [N, F, D]) and computing the padding blocks. Padding blocks hold zero rows, so they
+    add nothing to any gradient.
     """
-    return _batched_fwd(x_nbd, block_expert, w_gate, w_up, w_down)[0]
+    return _batched_fwd(x_nbd, block_expert, w_gate_up, w_down)[0]
 
 
 def _per_block(w, block_expert, dtype):
-    return jnp.take(w.astype(dtype), block_expert, axis=0)  # [N, D, F]: block n's expert
+    return jnp.take(w.astype(dtype), block_expert, axis=0)  # [N, ...]: block n's expert
 
 
-def _batched_fwd(x_nbd, block_expert, w_gate, w_up, w_down):
-    w = [_per_block(m, block_expert, x_nbd.dtype) for m in (w_gate, w_up, w_down)]
-    y, g, u = jax.vmap(swiglu_forward)(x_nbd, *w)
-    return y, (x_nbd, block_expert, w_gate, w_up, w_down, g, u)
+def _batched_fwd(x_nbd, block_expert, w_gate_up, w_down):
+    w = [_per_block(m, block_expert, x_nbd.dtype) for m in (w_gate_up, w_down)]
+    y, h = jax.vmap(swiglu_forward)(x_nbd, *w)
+    return y, (x_nbd, block_expert, w_gate_up, w_down, h)
 
 
 def _batched_bwd(res, dy_nbd):
-    x_nbd, block_expert, w_gate, w_up, w_down, g, u = res
-    w = [_per_block(m, block_expert, x_nbd.dtype) for m in (w_gate, w_up, w_down)]
-    dx, *dw_blocks = jax.vmap(swiglu_backward)(x_nbd, g, u, dy_nbd, *w)  # dW per block [N, ...]
+    x_nbd, block_expert, w_gate_up, w_down, h = res
+    w = [_per_block(m, block_expert, x_nbd.dtype) for m in (w_gate_up, w_down)]
+    dx, *dw_blocks = jax.vmap(swiglu_backward)(x_nbd, h, dy_nbd, *w)  # dW per block [N, ...]
     # Sum each block's weight gradient into its expert's: a [E, N] one-hot matmul, which
     # is deterministic on GPU (a segment sum would be a scatter-add of atomics).
-    one_hot = jax.nn.one_hot(block_expert, w_gate.shape[0], axis=0, dtype=x_nbd.dtype)  # [E, N]
+    n_experts = w_gate_up.shape[0]
+    one_hot = jax.nn.one_hot(block_expert, n_experts, axis=0, dtype=x_nbd.dtype)  # [E, N]
     dw = [
         jnp.einsum("en,n...->e...", one_hot, d, preferred_element_type=jnp.float32).astype(m.dtype)
-        for d, m in zip(dw_blocks, (w_gate, w_up, w_down), strict=True)
+        for d, m in zip(dw_blocks, (w_gate_up, w_down), strict=True)
     ]
     return dx, None, *dw
 

@@ -14,8 +14,8 @@ transformers' MixtralForCausalLM, so conversion is a relabelling of tensors:
     layers.L.self_attn.k_proj/v_proj      [Hkv*Dh, D]    attn.wk/wv[L]              [D, Hkv, Dh]
     layers.L.self_attn.o_proj.weight      [D, H*Dh]      attn.wo[L]                 [H, Dh, D]
     layers.L.block_sparse_moe.gate.weight [E, D]         ffn.w_router[L]            [D, E]
-    ...experts.i.w1.weight (gate)         [F, D]         ffn.w_gate[L, i]           [D, F]
-    ...experts.i.w3.weight (up)           [F, D]         ffn.w_up[L, i]             [D, F]
+    ...experts.i.w1.weight (gate)         [F, D]         ffn.w_gate_up[L, i, :, 0]  [D, F]
+    ...experts.i.w3.weight (up)           [F, D]         ffn.w_gate_up[L, i, :, 1]  [D, F]
     ...experts.i.w2.weight (down)         [D, F]         ffn.w_down[L, i]           [F, D]
 
 Hugging Face checkpoints already hold q/k in rotate-half order (their conversion from
@@ -296,6 +296,7 @@ def slots(cfg: Config) -> list[Slot]:
     n_unique = m.share_layers or m.n_layers
     out = [Slot("model.embed_tokens.weight", ("embed", "embedding"), (), _same, _same)]
     blk = ("units", "blocks", 0)
+    gate_up = blk + ("ffn", "w_gate_up")  # [U, E, D, 2, F]: gate then up
     for layer in range(m.n_layers):
         u, p = (layer % n_unique,), f"model.layers.{layer}."
         moe = p + "block_sparse_moe."
@@ -315,9 +316,9 @@ def slots(cfg: Config) -> list[Slot]:
         for i in range(e.num_experts):
             x = f"{moe}experts.{i}."
             out += [
-                Slot(x + "w1.weight", blk + ("ffn", "w_gate"), u + (i,), *_linear((d, f), 1)),
+                Slot(x + "w1.weight", gate_up, u + (i, slice(None), 0), *_linear((d, f), 1)),
                 Slot(x + "w2.weight", blk + ("ffn", "w_down"), u + (i,), *_linear((f, d), 1)),
-                Slot(x + "w3.weight", blk + ("ffn", "w_up"), u + (i,), *_linear((d, f), 1)),
+                Slot(x + "w3.weight", gate_up, u + (i, slice(None), 1), *_linear((d, f), 1)),
             ]
     out.append(Slot("model.norm.weight", ("final_norm", "scale"), (), _same, _same))
     if not m.tie_embeddings:

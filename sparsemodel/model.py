@@ -241,7 +241,7 @@ class Transformer(nnx.Module):
         moe_blocks = [i for i, block in enumerate(units.blocks) if block.is_moe]
         if not moe_blocks or repeats != 1 or not kern.experts_in_place:
             return None, state
-        names = ("w_gate", "w_up", "w_down")
+        names = ("w_gate_up", "w_down")
         ffn = state["blocks"][moe_blocks[0]]["ffn"]
         stack = tuple(ffn[n][...] for n in names)
         no_grad = jax.tree.map(lambda x: x, state)  # a new State: the caller's stays as it is

@@ -71,8 +71,9 @@ from sparsemodel.layers import param, swiglu
 # Logical axes of the layer's weights: used to create them and to shard_map over them.
 AXES = {
     "router": ("embed", None),
-    "gate": ("exp", "embed", "mlp"),
-    "up": ("exp", "embed", "mlp"),
+    # gate then up on a middle axis of 2, so one unit's gate and up columns share a
+    # `tensor` shard and run as one [D, 2F] matmul
+    "gate_up": ("exp", "embed", None, "mlp"),
     "down": ("exp", "mlp", "embed"),
     "shared_gate": ("embed", "mlp"),
     "shared_up": ("embed", "mlp"),
@@ -138,8 +139,7 @@ class MoE(nnx.Module):
         n, d, f = moe_cfg.num_experts, m.d_model, moe_cfg.d_expert
         fs = moe_cfg.num_shared * moe_cfg.d_expert
         self.w_router = param(rngs, (d, n), AXES["router"], std)
-        self.w_gate = param(rngs, (n, d, f), AXES["gate"], std)
-        self.w_up = param(rngs, (n, d, f), AXES["up"], std)
+        self.w_gate_up = param(rngs, (n, d, 2, f), AXES["gate_up"], std)
         self.w_down = param(rngs, (n, f, d), AXES["down"], out_std)
         if fs:  # shared experts: one always-on SwiGLU of width num_shared * d_expert
             self.w_shared_gate = param(rngs, (d, fs), AXES["shared_gate"], std)
@@ -147,7 +147,7 @@ class MoE(nnx.Module):
             self.w_shared_down = param(rngs, (fs, d), AXES["shared_down"], out_std)
 
     def weights(self) -> dict[str, jax.Array]:
-        names = ["router", "gate", "up", "down"]
+        names = ["router", "gate_up", "down"]
         if self.cfg.moe.num_shared:
             names += ["shared_gate", "shared_up", "shared_down"]
         return {n: getattr(self, f"w_{n}")[...] for n in names}
@@ -296,7 +296,7 @@ def moe_forward(
         served, expert_counts, experts = token_choice_layer(
             cfg, kern, coll, w, x_td, probs, mask_t, seq_len, expert_counts, experts
         )
-    y = coll.sum_tensor("gate", served.y)
+    y = coll.sum_tensor("gate_up", served.y)
     if "shared_gate" in w:
         y_shared = swiglu(x_td, w["shared_gate"], w["shared_up"], w["shared_down"])
         y = y + coll.sum_tensor("shared_gate", y_shared)
@@ -310,7 +310,7 @@ def token_choice_layer(
     """Top-k routing of this device's tokens, run by the expert group's devices, each on its
     own experts: -> (Served, expert_counts, experts)."""
     moe_cfg = cfg.moe
-    n_local = w["gate"].shape[0]  # experts held here: E / mesh.expert
+    n_local = w["gate_up"].shape[0]  # experts held here: E / mesh.expert
     offset = coll.expert_offset(n_local)
     routing = top_k_routing(probs, mask_t, moe_cfg.top_k, moe_cfg.renormalize)
     load = jnp.zeros((moe_cfg.num_experts + 1,), jnp.float32).at[routing.experts].add(1.0)
@@ -347,7 +347,7 @@ def token_choice_layer(
 
 def expert_choice_layer(cfg: Config, coll: Collectives, w, x_td, probs, mask_t) -> Served:
     """Each expert of the group takes its top-C tokens of the expert group's tokens."""
-    n_local = w["gate"].shape[0]
+    n_local = w["gate_up"].shape[0]
     offset = coll.expert_offset(n_local)
     x_g, mask_g, probs_g = (coll.gather_tokens(a) for a in (x_td, mask_t, probs))
     y_g, served_g, chosen_e = expert_choice(cfg, w, x_g, probs_g, mask_g, offset)
@@ -424,9 +424,9 @@ def expert_capacity(n_tokens: int, k: int, n_experts: int, factor: float) -> int
 def batched_experts(w, xb_ecd):
     """SwiGLU of each expert on its own buffer: [E, C, D] -> [E, C, D]."""
     dtype = xb_ecd.dtype
-    g = jnp.einsum("ecd,edf->ecf", xb_ecd, w["gate"].astype(dtype))
-    u = jnp.einsum("ecd,edf->ecf", xb_ecd, w["up"].astype(dtype))
-    return jnp.einsum("ecf,efd->ecd", jax.nn.silu(g) * u, w["down"].astype(dtype))
+    h = jnp.einsum("ecd,edjf->ecjf", xb_ecd, w["gate_up"].astype(dtype))  # [E, C, 2, F]
+    h = jax.nn.silu(h[:, :, 0]) * h[:, :, 1]
+    return jnp.einsum("ecf,efd->ecd", h, w["down"].astype(dtype))
 
 
 # ------------------------------------------------------------------ token choice
@@ -495,12 +495,12 @@ def dropless_blocks(w, x_td, routing: Routing, n_experts: int, block: int, kind:
     with jax.named_scope("experts"):
         if kind == "batched":
             x_nbd = xr.reshape(-1, unit, xr.shape[-1])  # [R/B, B, D]
-            y_nbd = batched_swiglu(x_nbd, rows.block_expert, w["gate"], w["up"], w["down"])
+            y_nbd = batched_swiglu(x_nbd, rows.block_expert, w["gate_up"], w["down"])
             yr = y_nbd.reshape(xr.shape)
         elif kind == "block_scan":
-            yr = scan_swiglu(xr, rows, block, w["gate"], w["up"], w["down"])
+            yr = scan_swiglu(xr, rows, block, w["gate_up"], w["down"])
         else:
-            stack = experts or StackedExperts.single(w["gate"], w["up"], w["down"])
+            stack = experts or StackedExperts.single(w["gate_up"], w["down"])
             yr, stack = loop_swiglu(xr, rows, block, stack)
             experts = None if experts is None else stack
     return yr, layout, experts
@@ -518,10 +518,13 @@ def dropless_ragged(w, x_td, routing: Routing, n_experts: int):
     group_sizes = jnp.bincount(jnp.minimum(flat_e, n_experts - 1), length=n_experts)
     with jax.named_scope("dispatch"):
         xs = dispatch.gather_rows(x_td, layout)  # [A, D] rows sorted by expert
+    e, d, _, f = w["gate_up"].shape
     with jax.named_scope("experts"):
-        g = jax.lax.ragged_dot(xs, w["gate"].astype(dtype), group_sizes)
-        u = jax.lax.ragged_dot(xs, w["up"].astype(dtype), group_sizes)
-        ys = jax.lax.ragged_dot(jax.nn.silu(g) * u, w["down"].astype(dtype), group_sizes)
+        gate_up = w["gate_up"].astype(dtype).reshape(e, d, 2 * f)
+        h = jax.lax.ragged_dot(xs, gate_up, group_sizes)  # [A, 2F]
+        ys = jax.lax.ragged_dot(
+            jax.nn.silu(h[:, :f]) * h[:, f:], w["down"].astype(dtype), group_sizes
+        )
     return ys, layout
 
 
@@ -534,7 +537,7 @@ def expert_choice(cfg: Config, w, x_td, probs, mask_t, offset):
     Returns y [T, D], served [T] (experts here that took each token) and per-expert counts.
     """
     moe_cfg = cfg.moe
-    n_local = w["gate"].shape[0]
+    n_local = w["gate_up"].shape[0]
     t = x_td.shape[0]
     capacity = expert_capacity(t, moe_cfg.top_k, moe_cfg.num_experts, moe_cfg.capacity_factor)
     capacity = min(t, capacity)

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import pytest
 from cli_commands import train_tiny
 
@@ -153,19 +154,59 @@ def test_resume_keeps_a_config_that_changes_only_training(trained):
     assert train.run(cfg, trained, log=quiet).step == 6
 
 
-def test_checkpoints_without_a_record_still_restore_and_are_checked_by_shape(trained, capsys):
-    """Format 1 (before the record): meta without format, model, shapes or checksums."""
-    meta_file = trained / "checkpoints" / "4" / "meta" / "metadata"
-    meta = json.loads(meta_file.read_text())
-    for key in ("format", "model", "shapes", "checksums"):
-        meta.pop(key)
-    meta_file.write_text(json.dumps(meta))
-    assert Checkpointer(trained).meta(4)["format"] == 2  # upgraded on reading
-    assert evaluate.restore(trained).step == 4
-    cfg = tiny(**{"train.steps": 6, "moe.d_expert": 32})
-    with pytest.raises(config.ConfigError, match="parameter units/blocks/0/ffn/w_down has shape"):
-        train.run(cfg, trained, log=quiet)
-    assert (trained / "checkpoints" / "4").is_dir()
+def write_legacy_checkpoint(workdir: Path, step: int, version: int) -> None:
+    """Rewrites checkpoint `step` as format `version` wrote it: gate and up expert weights
+    apart (w_gate, w_up), and for format 1 no record in its meta."""
+    import orbax.checkpoint as ocp
+
+    from sparsemodel import checksum, initialize, optim, sharding
+    from sparsemodel.checkpoint import leaf_path, shapes_of
+
+    cfg = config.load_stored(workdir / "config.yaml")
+    mesh = sharding.make_mesh(cfg.mesh)
+    _, params = initialize.init_params(cfg, mesh, 0)
+    opt_state = initialize.init_opt_state(optim.make_optimizer(cfg.train), params, mesh)
+    ckpt = Checkpointer(workdir, async_save=False)
+    params, opt_state, meta = ckpt.restore(step, params, opt_state)
+
+    def split(ffn):
+        gate_up = ffn["w_gate_up"]
+        halves = {"w_gate": gate_up[..., 0, :], "w_up": gate_up[..., 1, :]}
+        out = {k: v for k, v in ffn.items() if k != "w_gate_up"}
+        return type(ffn)(out | {k: gate_up.replace(v) for k, v in halves.items()})
+
+    is_moe = lambda n: isinstance(n, dict) and "w_router" in n  # noqa: E731
+    old = jax.tree.map(lambda n: split(n) if is_moe(n) else n, (params, opt_state), is_leaf=is_moe)
+    meta = {k: v for k, v in meta.items() if k not in ("format", "model", "shapes", "checksums")}
+    if version == 2:
+        sums = checksum.checksums({"params": old[0], "opt_state": old[1]}, name=leaf_path)
+        meta |= {"format": 2, "model": config.model_record(cfg), "shapes": shapes_of(old[0])}
+        meta |= {"checksums": sums}
+    shutil.rmtree(ckpt.directory / str(step))
+    ckpt.manager.reload()
+    items = {"params": old[0], "opt_state": old[1]}
+    args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
+    ckpt.manager.save(step, args=ocp.args.Composite(**args, meta=ocp.args.JsonSave(meta)))
+    ckpt.close()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_formats_are_upgraded_on_restore_and_checked_in_their_layout(
+    tmp_path, reference, version
+):
+    """Formats 1 (no record) and 2 (gate and up apart) restore into today's fused layout
+    exactly: a run resumed from one continues the uninterrupted curve bit for bit."""
+    workdir = tmp_path / "run"
+    train.run(tiny(), workdir, stop_after=4, log=quiet)
+    write_legacy_checkpoint(workdir, 4, version)
+    stored = Checkpointer(workdir).meta(4)
+    assert stored["format"] == 2 and "units/blocks/0/ffn/w_gate" in stored["shapes"]
+    assert evaluate.restore(workdir).step == 4
+    other = tiny(**{"moe.d_expert": 32})
+    with pytest.raises(config.ConfigError, match="ffn/w_down has shape|moe.d_expert=32"):
+        train.run(other, workdir, log=quiet)
+    train.run(tiny(), workdir, log=quiet)
+    assert losses(workdir) == reference
 
 
 # ----------------------------------------------------------------- logs and set-asides

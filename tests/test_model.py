@@ -265,7 +265,7 @@ def test_every_parameter_has_logical_axis_names():
 
 # ------------------------------------------------- expert weights read in place by the scan
 
-EXPERT_STACK = {"moe.num_experts": 6, "moe.d_expert": 48}  # [E, D, F] = [6, 64, 48]
+EXPERT_STACK = {"moe.num_experts": 6, "moe.d_expert": 48}  # [E, D, 2, F] = [6, 64, 2, 48]
 
 
 def _loss_and_grads(lm, tokens):
@@ -317,11 +317,12 @@ def test_scan_reading_experts_in_place_gives_the_same_gradients(overrides, monke
 
 
 def test_scan_copies_no_layer_slice_of_the_expert_weights():
-    # What the in-place read is for: no [E, D, F] copy of a layer's experts in either pass.
+    # What the in-place read is for: no copy of a layer's [E, D, 2, F] or [E, F, D] experts
+    # in either pass.
     lm = make_lm(**EXPERT_STACK)
     fn, state = _loss_and_grads(lm, random_tokens(BATCH, SEQ))
     hlo = fn.lower(state).compile().as_text()
-    assert "f32[2,6,64,48]" in hlo  # the stack itself is there
+    assert "f32[2,6,64,2,48]" in hlo and "f32[2,6,48,64]" in hlo  # the stacks themselves
     made = r"\{[\d,]*\} (dynamic-slice|dynamic-update-slice|fusion|copy|broadcast)\("
-    layer_slices = re.findall(r"= f32\[(?:1,)*6,(?:64,48|48,64)\]" + made, hlo)
-    assert not layer_slices, f"{len(layer_slices)} ops make a layer's [E, D, F] weights"
+    layer_slices = re.findall(r"= f32\[(?:1,)*6,(?:64,2,48|64,96|48,64)\]" + made, hlo)
+    assert not layer_slices, f"{len(layer_slices)} ops make a layer's expert weights"

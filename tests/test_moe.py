@@ -90,8 +90,10 @@ def ref_router(layer, x):
 
 def ref_expert_outputs(layer, x):
     """Every expert's SwiGLU on every token: [E, T, D]."""
-    wg, wu, wd = (_f64(w[...]) for w in (layer.w_gate, layer.w_up, layer.w_down))
-    return np.stack([_swiglu(_f64(x), wg[e], wu[e], wd[e]) for e in range(wg.shape[0])])
+    wgu, wd = _f64(layer.w_gate_up[...]), _f64(layer.w_down[...])  # [E, D, 2, F], [E, F, D]
+    return np.stack(
+        [_swiglu(_f64(x), wgu[e, :, 0], wgu[e, :, 1], wd[e]) for e in range(wgu.shape[0])]
+    )
 
 
 def ref_shared(layer, x):
@@ -483,8 +485,8 @@ def _dense_jax_reference(params, x, k):
     if k > 1:
         top_p = top_p / top_p.sum(-1, keepdims=True)
     w_te = jnp.zeros_like(probs).at[jnp.arange(x.shape[0])[:, None], top_e].add(top_p)
-    g = jnp.einsum("td,edf->etf", x, params["w_gate"])
-    u = jnp.einsum("td,edf->etf", x, params["w_up"])
+    g = jnp.einsum("td,edf->etf", x, params["w_gate_up"][:, :, 0])
+    u = jnp.einsum("td,edf->etf", x, params["w_gate_up"][:, :, 1])
     y_etd = jnp.einsum("etf,efd->etd", jax.nn.silu(g) * u, params["w_down"])
     return jnp.einsum("te,etd->td", w_te, y_etd)
 
@@ -507,13 +509,16 @@ def test_dropless_blocks_gradients_match_dense_reference(kind, block, n_tokens):
     def ref_loss(params, x):
         return jnp.sum(_dense_jax_reference(params, x, k) * probe)
 
-    names = ("w_router", "w_gate", "w_up", "w_down")
+    names = ("w_router", "w_gate_up", "w_down")
     got_state, got_x = jax.jit(jax.grad(layer_loss, argnums=(0, 1)))(state, x)
     params = {n: getattr(layer, n)[...] for n in names}
     want, want_x = jax.jit(jax.grad(ref_loss, argnums=(0, 1)))(params, x)
     for n in names:
-        got = np.asarray(got_state[n][...])
-        np.testing.assert_allclose(got, np.asarray(want[n]), **TOL, err_msg=n)
+        got, ref = np.asarray(got_state[n][...]), np.asarray(want[n])
+        # A gradient summed over tokens has float32 rounding relative to its largest
+        # element (~100 for the router here): a few ulps of that on top of TOL.
+        atol = max(TOL["atol"], 2e-7 * float(np.abs(ref).max()))
+        np.testing.assert_allclose(got, ref, rtol=TOL["rtol"], atol=atol, err_msg=n)
     np.testing.assert_allclose(np.asarray(got_x), np.asarray(want_x), **TOL, err_msg="x")
 
 
@@ -719,11 +724,10 @@ def test_counted_block_form_equals_the_per_expert_loops(block):
     experts = jnp.asarray(choice, jnp.int32)
     blocks = gm.expert_rows(experts, n_experts, gm.smallest_block(block))
     n_rows = blocks.block_expert.shape[0] * gm.smallest_block(block)
-    keys = jax.random.split(jax.random.key(0), 4)
+    keys = jax.random.split(jax.random.key(0), 3)
     w = [
-        0.3 * jax.random.normal(keys[1], (n_experts, d, f)),
-        0.3 * jax.random.normal(keys[2], (n_experts, d, f)),
-        0.3 * jax.random.normal(keys[3], (n_experts, f, d)),
+        0.3 * jax.random.normal(keys[1], (n_experts, d, 2, f)),  # gate and up
+        0.3 * jax.random.normal(keys[2], (n_experts, f, d)),
     ]
     layout = dispatch.layout_from_rows(blocks.rows, n_rows)
     x = dispatch.gather_rows(jax.random.normal(keys[0], (n_tokens, d)), layout)  # [R, D]
@@ -734,8 +738,8 @@ def test_counted_block_form_equals_the_per_expert_loops(block):
     def scan(x, *w):  # what profile's FLOP count traces
         return jnp.sum(jnp.sin(gm.scan_swiglu(x, blocks, block, *w)))
 
-    want = jax.value_and_grad(scan, argnums=(0, 1, 2, 3))(x, *w)
-    got = jax.value_and_grad(loop, argnums=(0, 1, 2, 3))(x, *w)
+    want = jax.value_and_grad(scan, argnums=(0, 1, 2))(x, *w)
+    got = jax.value_and_grad(loop, argnums=(0, 1, 2))(x, *w)
     np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-6)
     for g, w_ in zip(got[1], want[1], strict=True):  # summation order differs (GPU: 1.5e-5)
         np.testing.assert_allclose(np.asarray(g), np.asarray(w_), rtol=5e-5, atol=1e-5)
