@@ -1,7 +1,8 @@
 # All set-up goes through here: `make train` and `make test` work on a fresh machine.
 # `make train` installs what training needs; the test, bench and lint targets add the `dev`
-# (pytest, ruff) and `hf` (torch, transformers: the Hugging Face parity tests and the
-# bench's peer) extras. Each install has its own stamp, so neither redoes the other's.
+# (pytest, ruff), `hf` (torch, transformers: the Hugging Face parity tests and the bench's
+# peer) and `tokamax` (the moe.grouped_matmul=tokamax kernel and its tests) extras. Each
+# install has its own stamp, so neither redoes the other's.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -18,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(EXTRAS): pyproject.toml $(STAMP)
-	$(BIN)/pip install --quiet -e '.[dev,hf]'
+	$(BIN)/pip install --quiet -e '.[dev,hf,tokamax]'
 	touch $(EXTRAS)
 
 install: $(STAMP)

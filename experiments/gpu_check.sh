@@ -3,10 +3,15 @@
 # a GPU next to its dense twin of equal active parameters, and the tests on the GPU backend:
 #   1. `profile` of gpu-1b (bf16, ~1.04B parameters, 16 experts top-2) and its dense twin
 #      gpu-1b-dense: step time, MFU, compiled/model FLOPs (the compiled matmuls), memory;
+#      gpu-1b twice: with the GPU default grouped matmul (batched) and with tokamax's;
 #   2. optionally the MoE with the other grouped matmuls (ragged_dot, blocks);
 #   3. the test suite on the GPU backend (float32 matmuls at full precision, not TF32).
 # It runs under the machine's own JAX (CUDA build). Packages it lacks travel as wheels in
-# .whl/ (see experiments/README.md). Writes JSON and logs to $OUT.
+# .whl/ (see experiments/README.md), tokamax's among them: the machine's image has jaxtyping,
+# absl-py, tqdm and flax but not tokamax==0.0.12, einshape, qwix, typeguard==2.13.3,
+# immutabledict, pydantic, pydantic-core (a cp312 wheel), annotated-types,
+# typing-inspection or typing-extensions>=4.16 (pydantic's floor). Without them the
+# moe_tokamax profile is refused in one line. Writes JSON and logs to $OUT.
 set -u
 OUT=${OUT:-experiments/results/gpu}
 mkdir -p "$OUT"
@@ -21,6 +26,10 @@ start=$SECONDS
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import jax, flax, optax, orbax.checkpoint, grain; print('jax', jax.__version__, \
 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+  # Which ragged_dot implementations tokamax could import: without its Pallas ones it
+  # would run XLA's ragged_dot (a dense fallback on GPU).
+  python3 -c "import tokamax; from tokamax._src.ops.ragged_dot import api; \
+print('tokamax', tokamax.__version__, 'ragged_dot:', *api.IMPLEMENTATIONS)"
 } 2>&1 | tee "$OUT/env.txt"
 
 summary() {  # one line per profile: step time, tokens/s, MFU, FLOP ratio, memory
@@ -38,6 +47,20 @@ print(f"{sys.argv[1]}: step {m.get('step_time_s', 0) * 1e3:.1f} ms, "
       f"temp {(mem.get('temp_bytes') or 0) / 2**30:.1f} GiB, params {r['params']['total']:,}")
 PY
 }
+mfu_ratios() {  # one line: each MoE profile's MFU over the dense one's (target >= 0.6)
+  python3 - "$OUT" <<'PY'
+import json, pathlib, sys
+mfu = {}
+for f in pathlib.Path(sys.argv[1]).glob("*.json"):
+    try:
+        mfu[f.stem] = json.loads(f.read_text())["measured"]["mfu"]
+    except Exception:
+        pass
+if mfu.get("dense"):
+    moe = sorted(n for n in mfu if n.startswith("moe"))
+    print("MoE MFU / dense MFU:", ", ".join(f"{n} {mfu[n] / mfu['dense']:.2f}" for n in moe))
+PY
+}
 prof() {  # name, seconds, profile arguments...
   local name=$1 limit=$2
   shift 2
@@ -50,15 +73,18 @@ prof() {  # name, seconds, profile arguments...
   summary "$OUT/$name.json" | tee -a "$OUT/summary.txt"
 }
 
-# GPU_CHECK_PROFILES picks some of: dense moe moe_ragged_dot moe_blocks.
-for name in ${GPU_CHECK_PROFILES:-dense moe}; do
+# GPU_CHECK_PROFILES picks some of: dense moe moe_tokamax moe_ragged_dot moe_blocks.
+for name in ${GPU_CHECK_PROFILES:-dense moe moe_tokamax}; do
   case $name in
     dense) prof dense 180 --config gpu-1b-dense ;;
     moe) prof moe 180 --config gpu-1b ;;  # moe.grouped_matmul=auto: 'batched' on GPU
+    # Its Pallas kernels are custom calls: the FLOP count lists them as uncounted.
+    moe_tokamax) prof moe_tokamax 180 --config gpu-1b --set moe.grouped_matmul=tokamax ;;
     moe_ragged_dot) prof moe_ragged_dot 150 --config gpu-1b --set moe.grouped_matmul=ragged_dot ;;
     moe_blocks) prof moe_blocks 120 --config gpu-1b --set moe.grouped_matmul=blocks --no-flop-count ;;
   esac
 done
+mfu_ratios | tee -a "$OUT/summary.txt"
 
 left=$((${GPU_CHECK_SECONDS:-540} - (SECONDS - start)))
 echo "== tests on the GPU backend, ${left}s left" | tee -a "$OUT/log.txt"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import math
 import re
 import reprlib
@@ -110,7 +111,7 @@ class MoEConfig:
     first_dense: int = 0  # the first k layers are dense
     router: Literal["topk", "expert_choice"] = "topk"
     dispatch: Literal["dropless", "capacity"] = "dropless"
-    grouped_matmul: Literal["auto", "blocks", "batched", "ragged_dot"] = "auto"
+    grouped_matmul: Literal["auto", "blocks", "batched", "ragged_dot", "tokamax"] = "auto"
     block_size: int = 128  # rows per block of the grouped matmul (CPU: the largest block)
     capacity_factor: float = 1.25
     # Capacity dispatch's group: "sequence" gives each sequence C = ceil(k * train.seq_len / E
@@ -474,6 +475,11 @@ def _check_moe(e: MoEConfig, m: ModelConfig) -> None:
         f"must be positive, got {e.capacity_factor}",
     )
     _need(e.block_size >= 1, "moe.block_size", f"must be >= 1, got {e.block_size}")
+    _need(
+        e.grouped_matmul != "tokamax" or importlib.util.find_spec("tokamax") is not None,
+        "moe.grouped_matmul",
+        "tokamax is not installed (install the tokamax extra: pip install -e '.[tokamax]')",
+    )
     _need(0 <= e.jitter < 1, "moe.jitter", f"must be in [0, 1), got {e.jitter}")
     _need(e.lb_coef >= 0, "moe.lb_coef", f"must be >= 0, got {e.lb_coef}")
     _need(e.z_coef >= 0, "moe.z_coef", f"must be >= 0, got {e.z_coef}")

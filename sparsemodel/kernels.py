@@ -22,7 +22,7 @@ from sparsemodel.config import Config
 
 _COUNTING = contextvars.ContextVar("sparsemodel_counting_flops", default=False)
 
-GroupedMatmul = Literal["blocks", "block_scan", "batched", "ragged_dot"]
+GroupedMatmul = Literal["blocks", "block_scan", "batched", "ragged_dot", "tokamax"]
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,12 @@ def _grouped_matmul(cfg: Config, backend: str) -> GroupedMatmul:
     """'blocks' on CPU, 'batched' on GPU, 'ragged_dot' on TPU, unless the config names one.
 
     XLA's ragged_dot computes every expert for every row on CPU and ran several times
-    slower than the batched form on GPU (experiments/README.md)."""
+    slower than the batched form on GPU (experiments/README.md). 'auto' never picks
+    'tokamax': no recorded run shows it faster than these yet, and so 'auto' needs no
+    fallback when the optional package is missing (it is 'batched' on GPU either way).
+    Counting FLOPs leaves 'ragged_dot' and 'tokamax' as they run: on CPU both are XLA's
+    ragged_dot, whose count shows its every-expert work; on GPU tokamax's Pallas kernels
+    are custom calls that the count lists as uncounted."""
     kind = cfg.moe.grouped_matmul
     if kind == "auto":
         return {"cpu": "blocks", "gpu": "batched"}.get(backend, "ragged_dot")

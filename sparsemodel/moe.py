@@ -26,6 +26,8 @@ Dispatch strategies (`moe.dispatch`), same maths:
             on CPU (E/k times the FLOPs). So on CPU each expert's rows go through its
             weights in a loop over blocks of up to `moe.block_size` rows ('blocks'), and
             on GPU all blocks of `block_size` rows run as one batched matmul ('batched').
+            'tokamax' (an optional extra) runs tokamax's ragged_dot: Pallas kernels on
+            GPU/TPU, XLA's ragged_dot on CPU.
 Expert choice (`moe.router = "expert_choice"`): each expert picks its top-C tokens of the
 group. It looks at the whole group at once, so it is NOT causal: a token's output can
 depend on later tokens. Use it for encoders or experiments, not for generation.
@@ -449,6 +451,8 @@ def token_choice(
         )
     elif kern.grouped_matmul == "ragged_dot":
         y_rd, layout = dropless_ragged(w, x_td, routing, n_experts)
+    elif kern.grouped_matmul == "tokamax":
+        y_rd, layout = dropless_tokamax(w, x_td, routing, n_experts)
     else:
         y_rd, layout, experts = dropless_blocks(
             w, x_td, routing, n_experts, cfg.moe.block_size, kern.grouped_matmul, experts
@@ -506,8 +510,8 @@ def dropless_blocks(w, x_td, routing: Routing, n_experts: int, block: int, kind:
     return yr, layout, experts
 
 
-def dropless_ragged(w, x_td, routing: Routing, n_experts: int):
-    """Rows sorted by expert through `ragged_dot` (GPU/TPU): -> (y [T*k, D], layout).
+def dropless_ragged(w, x_td, routing: Routing, n_experts: int, ragged_dot=jax.lax.ragged_dot):
+    """Rows sorted by expert through `ragged_dot` (jax.lax's: GPU/TPU): -> (y [T*k, D], layout).
 
     ragged_dot needs every row in a group: rows for no local expert ride in the last group
     and get weight zero in the combine.
@@ -521,11 +525,35 @@ def dropless_ragged(w, x_td, routing: Routing, n_experts: int):
     e, d, _, f = w["gate_up"].shape
     with jax.named_scope("experts"):
         gate_up = w["gate_up"].astype(dtype).reshape(e, d, 2 * f)
-        h = jax.lax.ragged_dot(xs, gate_up, group_sizes)  # [A, 2F]
-        ys = jax.lax.ragged_dot(
-            jax.nn.silu(h[:, :f]) * h[:, f:], w["down"].astype(dtype), group_sizes
-        )
+        h = ragged_dot(xs, gate_up, group_sizes)  # [A, 2F]
+        ys = ragged_dot(jax.nn.silu(h[:, :f]) * h[:, f:], w["down"].astype(dtype), group_sizes)
     return ys, layout
+
+
+def dropless_tokamax(w, x_td, routing: Routing, n_experts: int):
+    """`dropless_ragged` through tokamax's ragged_dot: -> (y [T*k, D], layout).
+
+    tokamax picks its implementation per call: the first of its Pallas kernels (Mosaic,
+    then Triton) that supports the device and shapes, with its autotuned configuration
+    where its cache has one and its heuristics otherwise, and its XLA implementation
+    (jax.lax.ragged_dot) where none does, as on CPU.
+    """
+    return dropless_ragged(w, x_td, routing, n_experts, _tokamax().ragged_dot)
+
+
+def _tokamax():
+    """The tokamax package (the optional `tokamax` extra; config.validate checks it is there).
+
+    tokamax reads its options from absl flags and, on the first read, parses sys.argv as
+    absl flags unless something parsed them before: the `sparsemodel` command's arguments
+    would fail that parse, so the flags are marked parsed, at their defaults.
+    """
+    import tokamax
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return tokamax
 
 
 # ----------------------------------------------------------------- expert choice

@@ -6,6 +6,7 @@ does before it builds a model.
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
@@ -603,6 +604,28 @@ def test_cli_config_error_is_one_line_and_exit_2(tmp_path, capsys, set_args, pre
     assert out == ""
     assert len(err.splitlines()) == 1, err
     assert err.startswith(prefix), err
+    assert len(LOWERINGS) == lowered, "the error should come before any compilation"
+    assert not workdir.exists()
+
+
+def test_cli_refuses_tokamax_when_it_is_not_installed(tmp_path, capsys, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "tokamax" else find_spec(name, *args),
+    )
+    workdir = tmp_path / "w"
+    argv = ["train", "--config", "tiny", "--workdir", str(workdir)]
+    lowered = len(LOWERINGS)
+    rc = cli.main([*argv, "--set", "moe.grouped_matmul=tokamax"])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    assert out == ""
+    assert err.splitlines() == [
+        "sparsemodel: error: moe.grouped_matmul: tokamax is not installed "
+        "(install the tokamax extra: pip install -e '.[tokamax]')"
+    ]
     assert len(LOWERINGS) == lowered, "the error should come before any compilation"
     assert not workdir.exists()
 

@@ -8,7 +8,9 @@ of 1e-5 is meaningful (the init std of 0.02 would make every output ~1e-3).
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +56,13 @@ def tokens(n, seed=1):
 BLOCKS_4 = {"num_experts": 4, "top_k": 2, "grouped_matmul": "blocks", "block_size": 5}
 BLOCKS_8 = {"num_experts": 8, "top_k": 2, "grouped_matmul": "blocks", "block_size": 7}
 CAPACITY_4 = {"num_experts": 4, "top_k": 2, "dispatch": "capacity", "capacity_factor": 2.0}
+
+# moe.grouped_matmul=tokamax runs the optional tokamax package (on CPU its XLA ragged_dot).
+NEEDS_TOKAMAX = pytest.mark.skipif(
+    importlib.util.find_spec("tokamax") is None,
+    reason="tokamax is not installed (the tokamax extra, which `make test` installs)",
+)
+TOKAMAX = pytest.param("tokamax", marks=NEEDS_TOKAMAX)
 
 
 @nnx.jit(static_argnames="seq_len")
@@ -210,12 +219,37 @@ def test_smallest_block_tiles_every_halving_of_the_block(block):
         assert small == 256  # block/16: 15 sizes of the rest, not 127
 
 
-def test_dropless_ragged_dot_matches_reference():
-    layer = make_layer(num_experts=4, top_k=2, grouped_matmul="ragged_dot", num_shared=1)
-    x = tokens(16)
+@pytest.mark.parametrize(
+    "n_experts, k, n_tokens, n_shared",
+    [
+        (4, 2, 16, 1),
+        (8, 1, 5, 0),  # 5 assignments for 8 experts: some experts get no rows
+    ],
+)
+@pytest.mark.parametrize("kind", ["ragged_dot", TOKAMAX])
+def test_dropless_ragged_matches_reference(kind, n_experts, k, n_tokens, n_shared):
+    layer = make_layer(num_experts=n_experts, top_k=k, grouped_matmul=kind, num_shared=n_shared)
+    x = tokens(n_tokens)
     y, stats = apply(layer, x)
     np.testing.assert_allclose(np.asarray(y), ref_token_choice(layer, x), **TOL)
     assert float(stats.dropped) == 0.0
+
+
+@NEEDS_TOKAMAX
+def test_tokamax_runs_beside_the_commands_own_arguments(monkeypatch):
+    # tokamax reads its options from absl flags, which parse sys.argv on first read unless
+    # parsed before: `sparsemodel train --config ...` must not reach that parse.
+    from absl import flags
+
+    monkeypatch.setattr(sys, "argv", ["sparsemodel", "train", "--config", "tiny"])
+    flags.FLAGS.unparse_flags()
+    try:
+        layer = make_layer(num_experts=4, top_k=2, grouped_matmul="tokamax")
+        x = tokens(7)  # a size no other test traces: tokamax runs while this traces
+        y, _ = apply(layer, x)
+    finally:
+        flags.FLAGS.mark_as_parsed()
+    np.testing.assert_allclose(np.asarray(y), ref_token_choice(layer, x), **TOL)
 
 
 @pytest.mark.parametrize("n_experts, k, n_shared", [(4, 2, 0), (8, 1, 1)])
@@ -491,12 +525,13 @@ def _dense_jax_reference(params, x, k):
     return jnp.einsum("te,etd->td", w_te, y_etd)
 
 
-@pytest.mark.parametrize("kind", ["blocks", "batched"])
+@pytest.mark.parametrize("kind", ["blocks", "batched", TOKAMAX])
 @pytest.mark.parametrize("block, n_tokens", [(4, 11), (8, 40)])
 def test_dropless_blocks_gradients_match_dense_reference(kind, block, n_tokens):
-    # Both block matmuls have hand-written backward passes. E=8 with few tokens: some
-    # experts get no rows, and blocks past the used ones are skipped (or computed on zeros).
-    # With 40 tokens most experts take a whole block of 8 and then the rest in one block.
+    # Both block matmuls have hand-written backward passes, and tokamax's ragged_dot its
+    # own. E=8 with few tokens: some experts get no rows, and blocks past the used ones are
+    # skipped (or computed on zeros). With 40 tokens most experts take a whole block of 8
+    # and then the rest in one block.
     k = 2
     layer = make_layer(num_experts=8, top_k=k, grouped_matmul=kind, block_size=block)
     x = tokens(n_tokens)
@@ -525,8 +560,16 @@ def test_dropless_blocks_gradients_match_dense_reference(kind, block, n_tokens):
 # ------------------------------------------------------------------------- padding
 
 
-# CAPACITY_4 has capacity_factor E/k: no drops, so only the mask matters.
-@pytest.mark.parametrize("overrides", [BLOCKS_4, CAPACITY_4], ids=["dropless", "capacity"])
+# CAPACITY_4 has capacity_factor E/k: no drops, so only the mask matters. With tokamax the
+# padding tokens' rows ride in the last expert's group.
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param(BLOCKS_4, id="dropless"),
+        pytest.param(CAPACITY_4, id="capacity"),
+        pytest.param({**BLOCKS_4, "grouped_matmul": "tokamax"}, id="tokamax", marks=NEEDS_TOKAMAX),
+    ],
+)
 def test_padding_tokens_get_zero_and_are_excluded_from_stats(overrides):
     n_experts, k, n_tokens = 4, 2, 16
     layer = make_layer(**overrides)
