@@ -158,7 +158,7 @@ def _layer_part_runners(cfg, tokens: int) -> dict:
         "layout": _runner(jax.jit(layout), routing.experts),
         "dispatch": _runner(jax.jit(jax.grad(sq(dispatch.gather_rows))), x, lay),
         "experts": _runner(
-            jax.jit(jax.grad(experts, (0, 1, 2, 3))), xr, w["gate"], w["up"], w["down"]
+            jax.jit(jax.grad(experts, (0, 1, 2))), xr, w["gate_up"], w["down"]
         ),
         "combine": _runner(
             jax.jit(jax.grad(sq(dispatch.combine), (0, 1))), xr, routing.weights, lay
@@ -185,20 +185,20 @@ def _optimizer_runner(cfg):
 
 
 def _expert_matmul_runner(cfg, n_rows: int, block: int):
-    """The expert SwiGLU's nine matmuls (3 forward, 6 backward) over n_rows rows in blocks
+    """The expert SwiGLU's six matmuls (2 forward, 4 backward) over n_rows rows in blocks
     of `block` rows, every block with the same, cache-resident weights: what XLA:CPU's
     matmuls cost at that block size, apart from any weight traffic."""
     d, f = cfg.model.d_model, cfg.moe.d_expert
     k = jax.random.split(jax.random.key(3), 5)
     x, dy = (jax.random.normal(k[i], (n_rows, d)) for i in (0, 1))
-    w = [0.02 * jax.random.normal(k[i], s) for i, s in ((2, (d, f)), (3, (d, f)), (4, (f, d)))]
+    w = [0.02 * jax.random.normal(k[i], s) for i, s in ((2, (d, 2, f)), (3, (f, d)))]
 
     def blocks(x, dy, *w):
         def body(i, carry):
             dx, grads = carry
             rows = lambda a: jax.lax.dynamic_slice_in_dim(a, i * block, block)  # noqa: E731
-            _, g, u = swiglu_forward(rows(x), *w)
-            dxb, *dw = swiglu_backward(rows(x), g, u, rows(dy), *w)
+            _, h = swiglu_forward(rows(x), *w)
+            dxb, *dw = swiglu_backward(rows(x), h, rows(dy), *w)
             dx = jax.lax.dynamic_update_slice_in_dim(dx, dxb, i * block, 0)
             return dx, tuple(a + b for a, b in zip(grads, dw, strict=True))
 
