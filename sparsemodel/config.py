@@ -96,17 +96,35 @@ class ModelConfig:
     vocab_size: int = 256
     share_layers: int = 0  # g > 0: g unique blocks reused cyclically through the depth
     tie_embeddings: bool = False
+    head_dim: int = 0  # width of each attention head; 0: d_model // n_heads
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+    # RMSNorm of q and k before RoPE: "head" over each head's width (Qwen3), "full" over all
+    # heads of the projection at once (OLMoE).
+    qk_norm: Literal["none", "head", "full"] = "none"
     rope_theta: float = 10000.0
+    # "llama3": Llama 3.1's RoPE frequency scaling with the four rope_* settings below.
+    rope_scaling: Literal["none", "llama3"] = "none"
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
     norm_eps: float = 1e-5
     init_std: float = 0.02
+
+    @property
+    def d_head(self) -> int:
+        """The width of each attention head."""
+        return self.head_dim or self.d_model // self.n_heads
 
 
 @dataclass(frozen=True)
 class MoEConfig:
     num_experts: int = 0  # 0 = dense model
     top_k: int = 2
-    d_expert: int = 512  # width of each routed expert (and of each shared expert)
-    num_shared: int = 0  # always-on shared experts, fused into one MLP of num_shared*d_expert
+    d_expert: int = 512  # width of each routed expert
+    num_shared: int = 0  # always-on shared experts, fused into one MLP of num_shared*d_shared
+    d_shared: int = 0  # width of each shared expert; 0: d_expert
+    shared_gate: bool = False  # scale the shared experts' output by sigmoid(x w) (Qwen2-MoE)
     every: int = 1  # every n-th layer (after first_dense) is an MoE layer
     first_dense: int = 0  # the first k layers are dense
     router: Literal["topk", "expert_choice"] = "topk"
@@ -123,6 +141,11 @@ class MoEConfig:
     jitter: float = 0.0  # multiplicative router-input noise U(1-eps, 1+eps) in training
     lb_coef: float = 0.01
     z_coef: float = 1e-3
+
+    @property
+    def shared_width(self) -> int:
+        """The width of the fused shared-expert MLP (0: none)."""
+        return self.num_shared * (self.d_shared or self.d_expert)
 
 
 @dataclass(frozen=True)
@@ -425,15 +448,25 @@ def _check_model(m: ModelConfig) -> None:
     for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab_size"):
         _need(getattr(m, key) > 0, f"model.{key}", f"must be positive, got {getattr(m, key)}")
     _need(
-        m.d_model % m.n_heads == 0,
-        "model.d_model",
-        f"{m.d_model} is not divisible by model.n_heads={m.n_heads}",
+        m.head_dim >= 0, "model.head_dim", f"must be >= 0 (0 = d_model / n_heads), got {m.head_dim}"
     )
-    _need(
-        (m.d_model // m.n_heads) % 2 == 0,
-        "model.d_model",
-        f"head size {m.d_model // m.n_heads} must be even for rotary embeddings",
-    )
+    if m.head_dim:
+        _need(
+            m.head_dim % 2 == 0,
+            "model.head_dim",
+            f"{m.head_dim} must be even for rotary embeddings",
+        )
+    else:
+        _need(
+            m.d_model % m.n_heads == 0,
+            "model.d_model",
+            f"{m.d_model} is not divisible by model.n_heads={m.n_heads}",
+        )
+        _need(
+            m.d_head % 2 == 0,
+            "model.d_model",
+            f"head size {m.d_head} must be even for rotary embeddings",
+        )
     _need(
         m.n_heads % m.n_kv_heads == 0,
         "model.n_heads",
@@ -442,6 +475,25 @@ def _check_model(m: ModelConfig) -> None:
     _need(m.norm_eps > 0, "model.norm_eps", "must be positive")
     _need(m.init_std > 0, "model.init_std", "must be positive")
     _need(m.rope_theta > 0, "model.rope_theta", "must be positive")
+    if m.rope_scaling == "llama3":
+        _check_llama3_rope(m)
+
+
+def _check_llama3_rope(m: ModelConfig) -> None:
+    """The settings of Llama 3.1's RoPE scaling (transformers checks the same)."""
+    _need(m.rope_factor >= 1, "model.rope_factor", f"must be >= 1, got {m.rope_factor}")
+    low, high = m.rope_low_freq_factor, m.rope_high_freq_factor
+    _need(low > 0, "model.rope_low_freq_factor", f"must be positive, got {low}")
+    _need(
+        high > low,
+        "model.rope_high_freq_factor",
+        f"{high} must exceed model.rope_low_freq_factor={low}",
+    )
+    _need(
+        m.rope_original_max_len > 0,
+        "model.rope_original_max_len",
+        f"must be positive, got {m.rope_original_max_len}",
+    )
 
 
 def _check_moe(e: MoEConfig, m: ModelConfig) -> None:
@@ -457,6 +509,12 @@ def _check_moe(e: MoEConfig, m: ModelConfig) -> None:
     )
     _need(e.d_expert > 0, "moe.d_expert", f"must be positive, got {e.d_expert}")
     _need(e.num_shared >= 0, "moe.num_shared", f"must be >= 0, got {e.num_shared}")
+    _need(e.d_shared >= 0, "moe.d_shared", f"must be >= 0 (0 = d_expert), got {e.d_shared}")
+    _need(
+        e.num_shared > 0 or (e.d_shared == 0 and not e.shared_gate),
+        "moe.d_shared" if e.d_shared else "moe.shared_gate",
+        "is set but moe.num_shared=0 (no shared experts)",
+    )
     _need(e.every >= 1, "moe.every", f"must be >= 1, got {e.every}")
     _need(
         0 <= e.first_dense < m.n_layers,
@@ -588,9 +646,14 @@ SHAPE_FIELDS = (
     "model.vocab_size",
     "model.share_layers",
     "model.tie_embeddings",
+    "model.head_dim",
+    "model.qkv_bias",
+    "model.qk_norm",
     "moe.num_experts",
     "moe.d_expert",
     "moe.num_shared",
+    "moe.d_shared",
+    "moe.shared_gate",
     "moe.every",
     "moe.first_dense",
     "data.tokenizer",  # not a shape, but the ids would mean other text

@@ -25,16 +25,26 @@ class ParamCounts:
         return asdict(self)
 
 
+# Per-layer parts that are not multiplied by activations: they count as parameters, not
+# as FLOPs (matmul_params_per_token).
+NOT_MATMUL = ("norms", "attention_biases")
+
+
 def _layer_params(cfg: Config, kind: str) -> dict[str, int]:
     m, e = cfg.model, cfg.moe
-    d, dh = m.d_model, m.d_model // m.n_heads
-    out = {"attention": d * dh * (2 * m.n_heads + 2 * m.n_kv_heads), "norms": 2 * d}
+    d, dh, h, kv = m.d_model, m.d_head, m.n_heads, m.n_kv_heads
+    qk_norm_scales = {"none": 0, "head": 2 * dh, "full": (h + kv) * dh}[m.qk_norm]
+    out = {
+        "attention": d * dh * (2 * h + 2 * kv),
+        "attention_biases": (h + 2 * kv) * dh if m.qkv_bias else 0,
+        "norms": 2 * d + qk_norm_scales,
+    }
     if kind == "dense":
         out["dense_mlp"] = 3 * d * m.d_ff
     else:
         out["router"] = d * e.num_experts
         out["experts"] = 3 * d * e.d_expert * e.num_experts
-        out["shared_experts"] = 3 * d * e.d_expert * e.num_shared
+        out["shared_experts"] = 3 * d * e.shared_width + (d if e.shared_gate else 0)
     return out
 
 
@@ -60,7 +70,7 @@ def param_counts(cfg: Config) -> ParamCounts:
         parts["embeddings"] = embed
     active = 0
     for kind, layer in zip(kinds, per_layer, strict=True):
-        active += layer["attention"] + layer["norms"]
+        active += layer["attention"] + sum(layer[part] for part in NOT_MATMUL)
         if kind == "dense":
             active += layer["dense_mlp"]
         else:
@@ -78,10 +88,11 @@ def param_counts(cfg: Config) -> ParamCounts:
 
 
 def matmul_params_per_token(cfg: Config) -> int:
-    """Active parameters that multiply a token's activations (norm scales excluded)."""
-    m = cfg.model
-    n_norm = 2 * m.d_model * m.n_layers + m.d_model
-    return param_counts(cfg).active_per_token - n_norm
+    """Active parameters that multiply a token's activations (norm scales and biases
+    excluded)."""
+    layers = [_layer_params(cfg, kind) for kind in cfg.layer_plan().kinds()]
+    not_matmul = sum(layer[part] for layer in layers for part in NOT_MATMUL)
+    return param_counts(cfg).active_per_token - not_matmul - cfg.model.d_model  # final norm
 
 
 def attention_flops_per_token(cfg: Config, seq_len: int | None = None) -> float:
@@ -89,7 +100,7 @@ def attention_flops_per_token(cfg: Config, seq_len: int | None = None) -> float:
     m = cfg.model
     s = seq_len or cfg.train.seq_len
     # forward: 2*S*H*dh for q.k and as much for p.v, halved by the causal mask; x3 to train
-    return 6.0 * m.n_layers * s * m.n_heads * (m.d_model // m.n_heads)
+    return 6.0 * m.n_layers * s * m.n_heads * m.d_head
 
 
 def model_flops_per_token(cfg: Config, seq_len: int | None = None) -> float:

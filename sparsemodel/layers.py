@@ -11,10 +11,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sparsemodel import kernels
-from sparsemodel.config import Config
+from sparsemodel.config import Config, ModelConfig
 
 
 def param(
@@ -35,21 +36,52 @@ def param(
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs):
-        self.scale = param(rngs, (dim,), ("embed",), value=1.0)
+    """x / rms(x) * scale over the trailing axes of `shape` (the last one by default)."""
+
+    def __init__(
+        self,
+        shape: int | tuple[int, ...],
+        eps: float,
+        *,
+        rngs: nnx.Rngs,
+        axes: tuple[str | None, ...] = ("embed",),
+    ):
+        shape = (shape,) if isinstance(shape, int) else shape
+        self.scale = param(rngs, shape, axes, value=1.0)
         self.eps = eps
 
     def __call__(self, x):
         # Normalise in float32 whatever the compute dtype: bf16 variance loses precision.
         x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        over = tuple(range(-self.scale.ndim, 0))  # a mean over a sharded axis is reduced by XLA
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=over, keepdims=True) + self.eps)
         return (x32 * self.scale[...]).astype(x.dtype)
 
 
-def rope(x, positions, theta: float):
-    """Rotary embedding (rotate-half form). x [B, T, H, Dh], positions [B, T]."""
+def rope_frequencies(m: ModelConfig) -> np.ndarray:
+    """The rotary frequencies of each pair of head dimensions, float32 [d_head / 2].
+
+    model.rope_scaling=llama3 (Llama 3.1, as transformers computes it): wavelengths shorter
+    than rope_original_max_len / rope_high_freq_factor keep their frequency, longer than
+    rope_original_max_len / rope_low_freq_factor are slowed by rope_factor, and those
+    between blend the two.
+    """
+    half = m.d_head // 2
+    freqs = m.rope_theta ** (-np.arange(half, dtype=np.float64) / half)
+    if m.rope_scaling == "llama3":
+        low, high, factor = m.rope_low_freq_factor, m.rope_high_freq_factor, m.rope_factor
+        wavelen = 2 * np.pi / freqs
+        smooth = (m.rope_original_max_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * freqs / factor + smooth * freqs
+        long_wave = wavelen > m.rope_original_max_len / low
+        short_wave = wavelen < m.rope_original_max_len / high
+        freqs = np.where(long_wave, freqs / factor, np.where(short_wave, freqs, blended))
+    return freqs.astype(np.float32)
+
+
+def rope(x, positions, freqs):
+    """Rotary embedding (rotate-half form). x [B, T, H, Dh], positions [B, T], freqs [Dh/2]."""
     half = x.shape[-1] // 2
-    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [Dh/2]
     angles = positions[..., None].astype(jnp.float32) * freqs  # [B, T, Dh/2]
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]  # [B, T, 1, Dh/2]
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
@@ -70,8 +102,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         m = cfg.model
         self.cfg = cfg
-        self.n_heads, self.n_kv, self.d_head = m.n_heads, m.n_kv_heads, m.d_model // m.n_heads
-        self.theta = m.rope_theta
+        self.n_heads, self.n_kv, self.d_head = m.n_heads, m.n_kv_heads, m.d_head
         std, out_std = m.init_std, m.init_std / (2 * m.n_layers) ** 0.5
         self.wq = param(rngs, (m.d_model, self.n_heads, self.d_head), ("embed", "heads", "kv"), std)
         self.wk = param(rngs, (m.d_model, self.n_kv, self.d_head), ("embed", "heads", "kv"), std)
@@ -79,6 +110,17 @@ class Attention(nnx.Module):
         self.wo = param(
             rngs, (self.n_heads, self.d_head, m.d_model), ("heads", "kv", "embed"), out_std
         )
+        if m.qkv_bias:
+            self.q_bias = param(rngs, (self.n_heads, self.d_head), ("heads", "kv"), value=0.0)
+            self.k_bias = param(rngs, (self.n_kv, self.d_head), ("heads", "kv"), value=0.0)
+            self.v_bias = param(rngs, (self.n_kv, self.d_head), ("heads", "kv"), value=0.0)
+        if m.qk_norm == "head":  # one scale of d_head, shared by every head
+            self.q_norm = RMSNorm(self.d_head, m.norm_eps, rngs=rngs, axes=("kv",))
+            self.k_norm = RMSNorm(self.d_head, m.norm_eps, rngs=rngs, axes=("kv",))
+        elif m.qk_norm == "full":  # over (and scaled per element of) all heads together
+            q_shape, kv_shape = (self.n_heads, self.d_head), (self.n_kv, self.d_head)
+            self.q_norm = RMSNorm(q_shape, m.norm_eps, rngs=rngs, axes=("heads", "kv"))
+            self.k_norm = RMSNorm(kv_shape, m.norm_eps, rngs=rngs, axes=("heads", "kv"))
 
     def __call__(self, x, positions, cache: KVCache | None = None):
         """x [B, T, D], positions [B, T] -> ([B, T, D], updated cache or None).
@@ -89,10 +131,9 @@ class Attention(nnx.Module):
         """
         dtype = x.dtype
         with jax.named_scope("attention"):
-            q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dtype))  # [B, T, H, Dh]
-            k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dtype))  # [B, T, Hkv, Dh]
-            v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dtype))  # [B, T, Hkv, Dh]
-            q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
+            q, k, v = self._project(x)  # [B, T, H, Dh], [B, T, Hkv, Dh] twice
+            freqs = rope_frequencies(self.cfg.model)
+            q, k = rope(q, positions, freqs), rope(k, positions, freqs)
             if cache is None:
                 # positions are 0..T-1 in every row
                 out = causal_attention(q, k, v, kernels.choose(self.cfg).attention)
@@ -107,6 +148,20 @@ class Attention(nnx.Module):
                 out = attend(q, k, v, positions, key_pos)
             y = jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype))  # [B, T, D]
         return y, cache
+
+    def _project(self, x):
+        """q, k, v of x [B, T, D]: the projections, their biases and q/k norms (before RoPE)."""
+        dtype = x.dtype
+        q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dtype))  # [B, T, H, Dh]
+        k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dtype))  # [B, T, Hkv, Dh]
+        v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dtype))  # [B, T, Hkv, Dh]
+        if self.cfg.model.qkv_bias:
+            q = q + self.q_bias[...].astype(dtype)
+            k = k + self.k_bias[...].astype(dtype)
+            v = v + self.v_bias[...].astype(dtype)
+        if self.cfg.model.qk_norm != "none":
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
 
 
 def causal_attention(q, k, v, implementation: str):

@@ -157,7 +157,7 @@ class Transformer(nnx.Module):
     def init_cache(self, batch: int, max_len: int) -> dict[str, Any]:
         """An empty BlockCache for every block, with leading [repeats, n_unique] axes."""
         m, plan = self.cfg.model, self.cfg.layer_plan()
-        shape = (batch, max_len, m.n_kv_heads, m.d_model // m.n_heads)
+        shape = (batch, max_len, m.n_kv_heads, m.d_head)
 
         def block(kind, *lead):
             kv = KVCache(jnp.zeros(lead + shape, self.dtype), jnp.zeros(lead + shape, self.dtype))

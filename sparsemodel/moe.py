@@ -80,6 +80,7 @@ AXES = {
     "shared_gate": ("embed", "mlp"),
     "shared_up": ("embed", "mlp"),
     "shared_down": ("mlp", "embed"),
+    "shared_sigmoid": ("embed", None),
 }
 
 
@@ -139,19 +140,23 @@ class MoE(nnx.Module):
         self.cfg = cfg
         std, out_std = m.init_std, m.init_std / (2 * m.n_layers) ** 0.5
         n, d, f = moe_cfg.num_experts, m.d_model, moe_cfg.d_expert
-        fs = moe_cfg.num_shared * moe_cfg.d_expert
+        fs = moe_cfg.shared_width
         self.w_router = param(rngs, (d, n), AXES["router"], std)
         self.w_gate_up = param(rngs, (n, d, 2, f), AXES["gate_up"], std)
         self.w_down = param(rngs, (n, f, d), AXES["down"], out_std)
-        if fs:  # shared experts: one always-on SwiGLU of width num_shared * d_expert
+        if fs:  # shared experts: one always-on SwiGLU of width num_shared * d_shared
             self.w_shared_gate = param(rngs, (d, fs), AXES["shared_gate"], std)
             self.w_shared_up = param(rngs, (d, fs), AXES["shared_up"], std)
             self.w_shared_down = param(rngs, (fs, d), AXES["shared_down"], out_std)
+        if moe_cfg.shared_gate:  # [D, 1]: each token's weight of the shared output
+            self.w_shared_sigmoid = param(rngs, (d, 1), AXES["shared_sigmoid"], std)
 
     def weights(self) -> dict[str, jax.Array]:
         names = ["router", "gate_up", "down"]
         if self.cfg.moe.num_shared:
             names += ["shared_gate", "shared_up", "shared_down"]
+        if self.cfg.moe.shared_gate:
+            names.append("shared_sigmoid")
         return {n: getattr(self, f"w_{n}")[...] for n in names}
 
     def __call__(
@@ -300,10 +305,19 @@ def moe_forward(
         )
     y = coll.sum_tensor("gate_up", served.y)
     if "shared_gate" in w:
-        y_shared = swiglu(x_td, w["shared_gate"], w["shared_up"], w["shared_down"])
-        y = y + coll.sum_tensor("shared_gate", y_shared)
+        y = y + shared_experts(coll, w, x_td)
     stats = router_stats(logits, probs, mask_t, served, reduce=coll.sum_batch)
     return MoEOut(y.astype(x_td.dtype), stats, expert_counts, experts)
+
+
+def shared_experts(coll: Collectives, w, x_td):
+    """The always-on shared experts' output [T, D], times sigmoid(x w_shared_sigmoid) [T, 1]
+    when moe.shared_gate (Qwen2-MoE)."""
+    y_shared = swiglu(x_td, w["shared_gate"], w["shared_up"], w["shared_down"])
+    y_shared = coll.sum_tensor("shared_gate", y_shared)
+    if "shared_sigmoid" in w:
+        y_shared = y_shared * jax.nn.sigmoid(x_td @ w["shared_sigmoid"].astype(x_td.dtype))
+    return y_shared
 
 
 def token_choice_layer(

@@ -25,7 +25,7 @@ def decay_mask(params):
 
     def keep(path, _):
         names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-        return not any("norm" in n or n == "bias" for n in names)
+        return not any("norm" in n or n.endswith("bias") for n in names)  # q_bias, ...
 
     return jax.tree_util.tree_map_with_path(keep, params)
 

@@ -82,6 +82,26 @@ def decode(mesh: dict, batch: int = 8, seq: int = 10, prompt: int = 4) -> dict:
     }
 
 
+def forward_on_mesh(overrides: dict, mesh: dict, batch: int = 4, seq: int = 12) -> dict:
+    """Tiny (with overrides) born sharded on a mesh: the largest difference between its
+    logits there and those of the same parameters on one device without a mesh, the
+    logits' scale, and the PartitionSpec of the first layer's q_norm scale."""
+    cfg = config.load("tiny", {**overrides, **mesh})
+    mesh_ = sharding.make_mesh(cfg.mesh)
+    graphdef, state = initialize.init_params(cfg, mesh_, 0)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, seq)), jnp.int32)
+    forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])
+    with jax.set_mesh(mesh_):
+        sharded = np.asarray(forward(state, tokens))
+    single = np.asarray(forward(jax.device_get(state), tokens))
+    q_norm = state["units"]["blocks"][0]["attn"]["q_norm"]["scale"][...]
+    return {
+        "max_diff": float(np.abs(sharded - single).max()),
+        "scale": float(np.abs(single).max()),
+        "q_norm_spec": str(q_norm.sharding.spec),
+    }
+
+
 def run_eval(workdir: str, step: int | None = None) -> dict:
     r = evaluate.restore(workdir, step)
     res = evaluate.evaluate(r, max_tokens=8192)
@@ -101,6 +121,7 @@ if __name__ == "__main__":
         "train": run_train,
         "eval": run_eval,
         "decode": decode,
+        "forward_on_mesh": forward_on_mesh,
     }
     result = commands[command](**args)
     print("RESULT " + json.dumps(result))

@@ -184,6 +184,30 @@ BAD_INPUTS = [
     ({"mesh.fsdp": -1}, "mesh.fsdp", "only one axis may be -1"),
     ({"mesh.expert": 3}, "mesh.expert", "moe.num_experts=4 is not divisible by 3"),
     ({"mesh.tensor": 4}, "mesh.tensor", "model.n_kv_heads=2 is not divisible by 4"),
+    # -- the Hugging Face families' features
+    ({"model.head_dim": -1}, "model.head_dim", "must be >= 0 (0 = d_model / n_heads)"),
+    ({"model.head_dim": 15}, "model.head_dim", "15 must be even for rotary embeddings"),
+    ({"model.qk_norm": "layer"}, "model.qk_norm", "is not one of none, head, full"),
+    ({"model.qkv_bias": "maybe"}, "model.qkv_bias", "expected true or false"),
+    ({"model.rope_scaling": "yarn"}, "model.rope_scaling", "is not one of none, llama3"),
+    (
+        {"model.rope_scaling": "llama3", "model.rope_factor": 0.5},
+        "model.rope_factor",
+        "must be >= 1",
+    ),
+    (
+        {"model.rope_scaling": "llama3", "model.rope_high_freq_factor": 1.0},
+        "model.rope_high_freq_factor",
+        "1.0 must exceed model.rope_low_freq_factor=1.0",
+    ),
+    (
+        {"model.rope_scaling": "llama3", "model.rope_original_max_len": 0},
+        "model.rope_original_max_len",
+        "must be positive",
+    ),
+    ({"moe.shared_gate": True}, "moe.shared_gate", "is set but moe.num_shared=0"),
+    ({"moe.d_shared": 32}, "moe.d_shared", "is set but moe.num_shared=0"),
+    ({"moe.d_shared": -1, "moe.num_shared": 1}, "moe.d_shared", "must be >= 0 (0 = d_expert)"),
 ]
 
 
@@ -477,11 +501,26 @@ def test_dump_round_trips_non_default_choices(tmp_path):
             "data.source": "true",  # a string that YAML would read as a bool if unquoted
             "mesh.data": 1,
             "mesh.expert": -1,
+            "model.head_dim": 24,
+            "model.qkv_bias": True,
+            "model.qk_norm": "head",
+            "model.rope_scaling": "llama3",
+            "moe.num_shared": 1,
+            "moe.d_shared": 40,
+            "moe.shared_gate": True,
         },
     )
     path = tmp_path / "config.yaml"
     config.dump(cfg, path)
     assert config.load(path) == cfg
+
+
+def test_head_dim_frees_d_model_from_the_head_count():
+    """model.head_dim sets each head's width (Qwen3: 32 heads of 128 on d_model 2048), so
+    d_model need not divide into the heads."""
+    cfg = config.load("tiny", {"model.d_model": 66, "model.head_dim": 16})
+    assert cfg.model.d_head == 16
+    assert config.load("tiny").model.d_head == 64 // 4
 
 
 # ------------------------------------------------- workdirs written before a key existed
@@ -537,6 +576,14 @@ def test_cli_resumes_a_workdir_without_capacity_group_with_batch(tmp_path, monke
         ({"moe.num_experts": 8}, "moe.num_experts=8 (checkpoint: 4)"),
         ({"model.d_model": 128}, "model.d_model=128 (checkpoint: 64)"),
         ({"model.tie_embeddings": True}, "model.tie_embeddings=True (checkpoint: False)"),
+        ({"model.head_dim": 24}, "model.head_dim=24 (checkpoint: 0)"),
+        ({"model.qk_norm": "full"}, "model.qk_norm=full (checkpoint: none)"),
+        ({"model.qkv_bias": True}, "model.qkv_bias=True (checkpoint: False)"),
+        (
+            {"moe.num_shared": 1, "moe.d_shared": 8, "moe.shared_gate": True},
+            "moe.num_shared=1 (checkpoint: 0), moe.d_shared=8 (checkpoint: 0), "
+            "moe.shared_gate=True (checkpoint: False)",
+        ),
         (
             {"moe.d_expert": 32, "model.vocab_size": 300},
             "model.vocab_size=300 (checkpoint: 256), moe.d_expert=32 (checkpoint: 64)",

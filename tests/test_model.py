@@ -23,6 +23,17 @@ BATCH, SEQ, PROMPT = 4, 10, 4
 # Capacity per sequence that must drop: C = ceil(2 * 32 / 4 * 0.25) = 4 slots per expert
 # for the 20 assignments of SEQ tokens (tiny: train.seq_len 32, 4 experts, top-2).
 CAPACITY = {"moe.dispatch": "capacity", "moe.capacity_factor": 0.25}
+# The features of the Qwen/OLMoE/Llama 3 families at once (head_dim != d_model / n_heads).
+QWEN_LIKE = {
+    "model.head_dim": 24,
+    "model.qkv_bias": True,
+    "model.qk_norm": "full",
+    "model.rope_scaling": "llama3",
+    "model.rope_original_max_len": 8,
+    "moe.num_shared": 1,
+    "moe.d_shared": 40,
+    "moe.shared_gate": True,
+}
 
 
 def make_lm(seed=0, **overrides) -> model.Transformer:
@@ -76,6 +87,52 @@ def n_params(module) -> int:
 
 
 # ------------------------------------------------------------------------ causality
+
+
+def _rms_norm(x, scale, axes):
+    return x / np.sqrt(np.mean(x * x, axis=axes, keepdims=True) + 1e-5) * scale
+
+
+@pytest.mark.parametrize("qk_norm", ["none", "head", "full"])
+def test_attention_projections_match_a_naive_reference(qk_norm):
+    """q, k, v before RoPE: projection plus bias, then RMSNorm over each head ('head') or
+    over all heads of the projection at once ('full', so one head's scale depends on the
+    others')."""
+    lm = make_lm(**{"model.head_dim": 24, "model.qkv_bias": True, "model.qk_norm": qk_norm})
+    attn = lm.units.blocks[0].attn
+    layer0 = nnx.merge(*nnx.split(attn)[:1], jax.tree.map(lambda a: a[0], nnx.split(attn)[1]))
+    x = np.random.default_rng(0).normal(size=(2, 5, 64)).astype(np.float32)
+    q, k, v = (np.asarray(a, np.float64) for a in layer0._project(jnp.asarray(x)))
+    assert q.shape == (2, 5, 4, 24) and k.shape == v.shape == (2, 5, 2, 24)
+    w = {n: np.asarray(getattr(layer0, n)[...], np.float64) for n in ("wq", "wk", "wv")}
+    b = {n: np.asarray(getattr(layer0, f"{n}_bias")[...], np.float64) for n in "qkv"}
+    want_q = np.einsum("btd,dhk->bthk", x, w["wq"]) + b["q"]
+    want_k = np.einsum("btd,dhk->bthk", x, w["wk"]) + b["k"]
+    want_v = np.einsum("btd,dhk->bthk", x, w["wv"]) + b["v"]
+    if qk_norm != "none":
+        axes = -1 if qk_norm == "head" else (-2, -1)
+        want_q = _rms_norm(want_q, np.asarray(layer0.q_norm.scale[...]), axes)
+        want_k = _rms_norm(want_k, np.asarray(layer0.k_norm.scale[...]), axes)
+    for got, want in ((q, want_q), (k, want_k), (v, want_v)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_rope_frequencies_default_and_llama3():
+    """Default: theta^(-2i/d_head). llama3: wavelengths below original_max_len /
+    high_freq_factor unchanged, above original_max_len / low_freq_factor slowed by
+    rope_factor, those between a blend that joins the two."""
+    cfg = config.load("tiny", {"model.head_dim": 24, "model.rope_theta": 100.0})
+    freqs = layers.rope_frequencies(cfg.model)
+    np.testing.assert_allclose(freqs, 100.0 ** (-np.arange(12) / 12), rtol=1e-6)
+    scaled_cfg = cfg.replace({"model.rope_scaling": "llama3", "model.rope_original_max_len": 64})
+    scaled = layers.rope_frequencies(scaled_cfg.model)  # factor 8, low 1, high 4
+    wavelen = 2 * np.pi / freqs
+    short, long_ = wavelen < 64 / 4, wavelen > 64 / 1
+    assert short.any() and long_.any() and (~short & ~long_).any()  # all three regimes
+    np.testing.assert_array_equal(scaled[short], freqs[short])
+    np.testing.assert_allclose(scaled[long_], freqs[long_] / 8, rtol=1e-6)
+    between = ~short & ~long_
+    assert np.all(scaled[between] < freqs[between]) and np.all(scaled[between] > freqs[between] / 8)
 
 
 @pytest.mark.parametrize("n_kv", [4, 2])
@@ -145,6 +202,7 @@ def test_sequences_in_a_batch_are_independent(overrides):
         pytest.param({}, id="moe"),
         pytest.param(CAPACITY, id="capacity_per_sequence"),
         pytest.param({"moe.num_experts": 0, "model.tie_embeddings": True}, id="dense_tied"),
+        pytest.param(QWEN_LIKE, id="head_dim_bias_qk_norm_llama3_gated_shared"),
         pytest.param(
             {"moe.first_dense": 1, "model.n_layers": 3}, id="first_dense", marks=pytest.mark.slow
         ),
@@ -244,7 +302,7 @@ def test_share_layers_reduces_unique_parameters():
 
 
 def test_every_parameter_has_logical_axis_names():
-    lm = abstract_lm(**{"moe.first_dense": 1, "model.n_layers": 3, "moe.num_shared": 1})
+    lm = abstract_lm(**{"moe.first_dense": 1, "model.n_layers": 3, **QWEN_LIKE})
     flat = list(nnx.to_flat_state(nnx.state(lm, nnx.Param)))
     assert len(flat) > 10
     seen_stacked = 0

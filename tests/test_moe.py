@@ -106,7 +106,8 @@ def ref_expert_outputs(layer, x):
 
 
 def ref_shared(layer, x):
-    """The always-on shared expert, 0 if the layer has none.
+    """The always-on shared expert, 0 if the layer has none, times sigmoid(x w) when the
+    layer has a sigmoid gate (`layer.w_shared_sigmoid` [D, 1]).
 
     Two layouts are accepted: a `layer.shared` MLP, or `layer.w_shared_{gate,up,down}`.
     """
@@ -117,7 +118,10 @@ def ref_shared(layer, x):
         ws = layer.w_shared_gate, layer.w_shared_up, layer.w_shared_down
     else:
         return 0.0
-    return _swiglu(_f64(x), *(_f64(w[...]) for w in ws))
+    y = _swiglu(_f64(x), *(_f64(w[...]) for w in ws))
+    if hasattr(layer, "w_shared_sigmoid"):
+        y = y / (1.0 + np.exp(-_f64(x) @ _f64(layer.w_shared_sigmoid[...])))
+    return y
 
 
 def ref_topk(probs, k, renormalize):
@@ -200,6 +204,20 @@ def test_dropless_blocks_matches_reference(n_experts, k, n_tokens, block_size, n
     y, stats = apply(layer, x)
     np.testing.assert_allclose(np.asarray(y), ref_token_choice(layer, x), **TOL)
     assert float(stats.dropped) == 0.0
+
+
+def test_gated_shared_experts_of_their_own_width_match_reference():
+    """Qwen2-MoE's shared expert: moe.d_shared wide, scaled by sigmoid(x w_shared_sigmoid)."""
+    layer = make_layer(**BLOCKS_4, num_shared=2, d_shared=20, shared_gate=True)
+    assert layer.w_shared_up[...].shape == (D_MODEL, 2 * 20)
+    assert layer.w_shared_sigmoid[...].shape == (D_MODEL, 1)
+    x = tokens(16)
+    y, _ = apply(layer, x)
+    want = ref_token_choice(layer, x)
+    np.testing.assert_allclose(np.asarray(y), want, **TOL)
+    shared = (layer.w_shared_gate, layer.w_shared_up, layer.w_shared_down)
+    ungated = want - ref_shared(layer, x) + _swiglu(_f64(x), *(_f64(w[...]) for w in shared))
+    assert np.abs(want - ungated).max() > 0.1  # the gate changes the output
 
 
 @pytest.mark.parametrize("block", [1, 3, 5, 7, 8, 32, 100, 128, 130, 200, 512, 1000, 4096])

@@ -28,3 +28,21 @@ def test_clip_equals_optax_clip_and_keeps_its_state(max_norm):
     if max_norm == 100.0:  # under the limit: untouched, bit for bit
         for k in grads:
             np.testing.assert_array_equal(got[k], grads[k])
+
+
+def test_weight_decay_skips_norm_scales_and_every_bias():
+    """Matrices decay; norm scales (block norms, q/k norms) and biases (q_bias, ...) do not."""
+    from flax import nnx
+
+    from sparsemodel import config, model
+
+    overrides = {"model.qkv_bias": True, "model.qk_norm": "head", "moe.num_shared": 1}
+    cfg = config.load("tiny", {**overrides, "moe.shared_gate": True})
+    lm = nnx.eval_shape(lambda: model.Transformer.from_config(cfg, rngs=nnx.Rngs(0)))
+    mask = nnx.to_pure_dict(optim.decay_mask(nnx.state(lm, nnx.Param)))
+    attn = mask["units"]["blocks"][0]["attn"]
+    assert attn["wq"] is True and attn["wo"] is True
+    assert not any(attn[f"{n}_bias"] for n in "qkv")
+    assert not attn["q_norm"]["scale"] and not attn["k_norm"]["scale"]
+    assert not mask["units"]["blocks"][0]["attn_norm"]["scale"]
+    assert mask["units"]["blocks"][0]["ffn"]["w_shared_sigmoid"] is True

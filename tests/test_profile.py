@@ -8,8 +8,9 @@ import math
 
 import jax
 import pytest
+from flax import nnx
 
-from sparsemodel import cli, config, flops, hardware, kernels, profile
+from sparsemodel import cli, config, flops, hardware, kernels, model, profile
 from sparsemodel.steps import make_train_step
 
 
@@ -43,6 +44,30 @@ def test_small_parameter_counts_by_hand():
     assert tied.active_per_token == tied.total == dense.total - 256 * 256
     # Equal active compute: small and small-dense differ by the router only.
     assert c.active_per_token - dense.active_per_token == 4 * 256 * 8
+
+
+def test_hf_family_features_counted_by_hand():
+    """Heads of 24 (not d_model / n_heads = 16), q/k/v biases, q/k norms over all heads,
+    and one shared expert of width 40 behind a sigmoid gate; tiny otherwise."""
+    overrides = {"model.head_dim": 24, "model.qkv_bias": True, "model.qk_norm": "full"}
+    overrides |= {"moe.num_shared": 1, "moe.d_shared": 40, "moe.shared_gate": True}
+    cfg = config.load("tiny", overrides)
+    attention = 64 * 24 * (2 * 4 + 2 * 2)  # wq, wo: 4 heads of 24; wk, wv: 2 = 18,432
+    biases = 24 * (4 + 2 + 2)  # q, k, v = 192
+    norms = 2 * 64 + 24 * (4 + 2)  # two block norms, q and k norm scales = 272
+    shared = 3 * 64 * 40 + 64  # gate, up, down of width 40, sigmoid gate [64, 1] = 7,744
+    router, routed = 64 * 4, 3 * 64 * 64  # one expert's gate, up, down
+    c = flops.param_counts(cfg)
+    layer = attention + biases + norms + shared + router + 4 * routed
+    assert c.total == 2 * layer + 64 + 2 * 256 * 64 == 184_928
+    abstract = nnx.eval_shape(lambda: model.Transformer.from_config(cfg, rngs=nnx.Rngs(0)))
+    assert c.total == sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    active_layer = attention + biases + norms + shared + router + 2 * routed
+    assert c.active_per_token == 2 * active_layer + 64 + 256 * 64
+    # Biases and norm scales multiply nothing; attention runs 4 heads of 24.
+    matmul = 2 * (attention + shared + router + 2 * routed) + 256 * 64
+    assert flops.matmul_params_per_token(cfg) == matmul
+    assert flops.model_flops_per_token(cfg) == 6 * matmul + 6 * 2 * 32 * 4 * 24
 
 
 def test_sharing_keeps_flops_and_cuts_unique_parameters():

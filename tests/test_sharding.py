@@ -122,6 +122,21 @@ def test_cached_decoding_with_capacity_per_sequence_on_an_expert_mesh():
 
 
 @pytest.mark.slow
+def test_full_qk_norm_under_tensor_sharding_matches_one_device():
+    """model.qk_norm=full normalises over all heads, which `tensor` splits: the sharded
+    forward (heads, q_norm scale and the gated shared expert split over tensor) gives the
+    single-device logits."""
+    overrides = {"model.head_dim": 24, "model.qkv_bias": True, "model.qk_norm": "full"}
+    overrides |= {"moe.num_shared": 1, "moe.d_shared": 40, "moe.shared_gate": True}
+    overrides |= {"model.init_std": 0.2}  # decisive attention and routing
+    mesh = {"mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2}
+    res = worker("forward_on_mesh", 4, overrides=overrides, mesh=mesh)
+    assert "tensor" in res["q_norm_spec"], res  # the norm's heads really are split
+    assert res["scale"] > 1.0, res
+    assert res["max_diff"] < 1e-4 * res["scale"], res
+
+
+@pytest.mark.slow
 def test_checkpoint_reshards_to_other_meshes(tmp_path):
     """Written on (data=2, expert=4): evaluated on 1 device, resumed on (data=4, expert=2)
     and on 1 device, each continuing the uninterrupted curve."""
