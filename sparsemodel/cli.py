@@ -105,14 +105,27 @@ def _add_generate(sub) -> None:
 
 
 def _add_hf(sub) -> None:
-    i = sub.add_parser("import-hf", help="a Hugging Face Mixtral checkpoint -> a workdir")
+    families = "Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE, Llama, Mistral, Qwen2, Qwen3"
+    i = sub.add_parser("import-hf", help=f"a Hugging Face checkpoint ({families}) -> a workdir")
     i.add_argument("src", help="directory with config.json and *.safetensors")
     i.add_argument("--workdir", required=True)
 
-    x = sub.add_parser("export-hf", help="a workdir's checkpoint -> a Hugging Face Mixtral dir")
+    x = sub.add_parser("export-hf", help="a workdir's checkpoint -> a Hugging Face directory")
     x.add_argument("out", help="output directory (config.json, *.safetensors)")
     x.add_argument("--workdir", required=True)
     x.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+    x.add_argument(
+        "--model-type",
+        help="the transformers model_type to write (default: the one imported from, else the "
+        "first that can express the model: mixtral, qwen3_moe, qwen2_moe, olmoe; llama, "
+        "mistral, qwen2, qwen3)",
+    )
+    x.add_argument(
+        "--max-shard-size",
+        default="5GiB",
+        help="largest safetensors file, e.g. 500MB or 2GiB (default 5GiB; a larger tensor "
+        "gets a file of its own)",
+    )
 
 
 def _init_distributed(args) -> None:
@@ -264,9 +277,10 @@ def _import_hf(args) -> int:
 
     cfg = hf.import_hf(args.src, args.workdir)
     m, e = cfg.model, cfg.moe
+    ffn = f"{e.num_experts} experts (top {e.top_k})" if cfg.is_moe else f"dense (d_ff {m.d_ff})"
     print(
-        f"imported {args.src}: {m.n_layers} layers, d_model {m.d_model}, {e.num_experts} experts "
-        f"(top {e.top_k}), vocab {m.vocab_size}; workdir {args.workdir} (checkpoint step 0)"
+        f"imported {args.src}: {m.n_layers} layers, d_model {m.d_model}, {ffn}, "
+        f"vocab {m.vocab_size}; workdir {args.workdir} (checkpoint step 0)"
     )
     return 0
 
@@ -274,7 +288,8 @@ def _import_hf(args) -> int:
 def _export_hf(args) -> int:
     from sparsemodel import hf
 
-    files = hf.export_hf(args.workdir, args.out, args.step)
+    max_shard_bytes = hf.parse_size(args.max_shard_size)
+    files = hf.export_hf(args.workdir, args.out, args.step, max_shard_bytes, args.model_type)
     print(f"exported {args.workdir} to {args.out}: {', '.join(f.name for f in files)}")
     return 0
 

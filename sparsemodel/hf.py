@@ -1,29 +1,38 @@
-"""Hugging Face Mixtral checkpoints in and out (`sparsemodel import-hf` / `export-hf`).
+"""Hugging Face checkpoints in and out (`sparsemodel import-hf` / `export-hf`).
 
-Our Mixtral-shaped model (every layer MoE, top-k of the full softmax renormalised, SwiGLU
-experts, GQA attention with rotate-half RoPE, RMSNorm) is the same function as
-transformers' MixtralForCausalLM, so conversion is a relabelling of tensors:
+Each supported family (`hf_families`: Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE, Llama,
+Mistral, Qwen2, Qwen3) computes the same function as our model with some config choices,
+so conversion is a relabelling of tensors (nn.Linear weights are [out, in]; ours are
+[in, out], stacked over layers; L is layer L's place in its stack, `slots`):
 
-    HF tensor (nn.Linear weights are [out, in])          ours ([in, out], stacked over layers)
-    model.embed_tokens.weight             [V, D]         embed.embedding            [V, D]
-    lm_head.weight                        [V, D]         unembed                    [D, V]
-    model.norm.weight                     [D]            final_norm.scale           [D]
-    layers.L.input_layernorm.weight       [D]            attn_norm.scale[L]         [D]
-    layers.L.post_attention_layernorm...  [D]            ffn_norm.scale[L]          [D]
-    layers.L.self_attn.q_proj.weight      [H*Dh, D]      attn.wq[L]                 [D, H, Dh]
-    layers.L.self_attn.k_proj/v_proj      [Hkv*Dh, D]    attn.wk/wv[L]              [D, Hkv, Dh]
-    layers.L.self_attn.o_proj.weight      [D, H*Dh]      attn.wo[L]                 [H, Dh, D]
-    layers.L.block_sparse_moe.gate.weight [E, D]         ffn.w_router[L]            [D, E]
-    ...experts.i.w1.weight (gate)         [F, D]         ffn.w_gate_up[L, i, :, 0]  [D, F]
-    ...experts.i.w3.weight (up)           [F, D]         ffn.w_gate_up[L, i, :, 1]  [D, F]
-    ...experts.i.w2.weight (down)         [D, F]         ffn.w_down[L, i]           [F, D]
+    HF tensor                                  ours
+    model.embed_tokens.weight       [V, D]     embed.embedding             [V, D]
+    lm_head.weight                  [V, D]     unembed                     [D, V]
+    model.norm.weight               [D]        final_norm.scale            [D]
+    layers.L.input_layernorm.weight [D]        attn_norm.scale[L]          [D]
+    ...post_attention_layernorm...  [D]        ffn_norm.scale[L]           [D]
+    ...self_attn.q_proj.weight      [H*Dh, D]  attn.wq[L]                  [D, H, Dh]
+    ...self_attn.k_proj/v_proj      [Hkv*Dh, D] attn.wk/wv[L]              [D, Hkv, Dh]
+    ...self_attn.o_proj.weight      [D, H*Dh]  attn.wo[L]                  [H, Dh, D]
+    ...self_attn.q_proj.bias (k, v) [H*Dh]     attn.q_bias[L] (k_, v_)     [H, Dh]
+    ...self_attn.q_norm.weight (k)  [Dh]       attn.q_norm.scale[L]        [Dh]     (head)
+                                    [H*Dh]                                 [H, Dh]  (full)
+    ...mlp.gate_proj/up_proj        [F, D]     ffn.w_gate/w_up[L]          [D, F]   (dense)
+    ...mlp.down_proj                [D, F]     ffn.w_down[L]               [F, D]
+    ...mlp.gate.weight              [E, D]     ffn.w_router[L]             [D, E]
+    ...experts.i.gate_proj (w1)     [F, D]     ffn.w_gate_up[L, i, :, 0]   [D, F]
+    ...experts.i.up_proj (w3)       [F, D]     ffn.w_gate_up[L, i, :, 1]   [D, F]
+    ...experts.i.down_proj (w2)     [D, F]     ffn.w_down[L, i]            [F, D]
+    ...mlp.shared_expert.gate_proj  [Fs, D]    ffn.w_shared_gate[L] (up)   [D, Fs]
+    ...mlp.shared_expert_gate       [1, D]     ffn.w_shared_sigmoid[L]     [D, 1]
 
-Hugging Face checkpoints already hold q/k in rotate-half order (their conversion from
-Meta's interleaved layout permuted the rows), which is our `layers.rope`, so no
-permutation is needed. transformers 5 keeps experts fused in memory
-(`mlp.gate.weight`, `mlp.experts.gate_up_proj` [E, 2F, D] gate rows first,
-`mlp.experts.down_proj` [E, D, F]); we read those names too, and write the v4 names above,
-which is what transformers 5's `save_pretrained` writes and what every version loads.
+Mixtral keeps its experts under `block_sparse_moe.` with w1/w3/w2 names. Hugging Face
+checkpoints already hold q/k in rotate-half order (their conversion from Meta's
+interleaved layout permuted the rows), which is our `layers.rope`, so no permutation is
+needed. transformers 5 keeps experts fused in memory (`mlp.gate.weight`,
+`mlp.experts.gate_up_proj` [E, 2F, D] gate rows first, `mlp.experts.down_proj` [E, D, F]);
+we read those names too, and write the per-expert names above, which is what transformers
+5's `save_pretrained` writes and what every version loads.
 
 Both directions stream tensor by tensor, so a checkpoint larger than memory converts:
 import assembles each stacked parameter in a numpy memmap on disk (in the workdir being
@@ -48,7 +57,6 @@ import struct
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,272 +65,161 @@ import numpy as np
 
 from sparsemodel import config as config_lib
 from sparsemodel.config import Config, ConfigError
-
-# model_types close to Mixtral that we refuse, and exactly what of theirs our model lacks.
-NOT_MAPPABLE = {
-    "qwen2_moe": "q/k/v projection biases and a sigmoid-gated shared expert "
-    "(our attention has no biases; our shared experts have no gate)",
-    "qwen3_moe": "q/k RMSNorm on every attention head (our attention has none)",
-    "olmoe": "q/k RMSNorm in attention (our attention has none)",
-}
+from sparsemodel.hf_families import (
+    FAMILIES,
+    Family,
+    config_from_hf,
+    config_to_hf,
+    export_family,
+    read_json_object,
+)
 
 MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size for save_pretrained
-
-
-# ------------------------------------------------------------------------- configs
-
-
-def _read_json_object(path: Path) -> dict[str, Any]:
-    """The JSON object in path, or ConfigError (one line) naming the file."""
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-_REQUIRED = object()  # a config.json key with no default
-
-# What each kind of config.json value must be, as a check and in words.
-_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "count": (lambda v: type(v) is int and v > 0, "a positive integer"),
-    "number": (lambda v: type(v) in (int, float) and math.isfinite(v), "a finite number"),
-    "flag": (lambda v: type(v) is bool, "true or false"),
-    "mapping": (lambda v: isinstance(v, dict), "an object"),
-}
-
-
-def _hf_value(
-    hf: dict[str, Any], key: str, kind: str, default: Any = _REQUIRED, *, where: str
-) -> Any:
-    """hf[key] checked to be of `kind` (default when absent or null), else ConfigError."""
-    if key not in hf and default is _REQUIRED:
-        raise ConfigError(f"{where}: missing key {key}")
-    found = hf.get(key)
-    if found is None and default is not _REQUIRED:
-        return default
-    is_kind, in_words = _KINDS[kind]
-    if not is_kind(found):
-        raise ConfigError(f"{where}: {key}: expected {in_words}, got {found!r:.60}")
-    return found
-
-
-def config_from_hf(hf: dict[str, Any], where: str) -> Config:
-    """Our Config for a Mixtral config.json, or ConfigError naming what does not map."""
-    _refuse_unmapped(hf, where)
-    data = _config_dict(hf, where)
-    try:
-        return config_lib.from_dict(data)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: does not map: {e}") from None
-
-
-def _refuse_unmapped(hf: dict[str, Any], where: str) -> None:
-    """ConfigError (one line) for a config.json of another model than ours: not a Mixtral,
-    or a Mixtral whose activation, head size, attention window, biases or RoPE differ."""
-
-    def refuse(reason: str):
-        raise ConfigError(f"{where}: {reason}")
-
-    value = partial(_hf_value, hf, where=where)
-    model_type = hf.get("model_type")
-    if isinstance(model_type, str) and model_type in NOT_MAPPABLE:
-        refuse(f"model_type {model_type} does not map: it has {NOT_MAPPABLE[model_type]}")
-    if model_type != "mixtral":
-        shown = config_lib.bounded(model_type)  # any JSON value: a list or object too
-        refuse(f"model_type {shown} is not supported (import-hf reads model_type mixtral)")
-    d, heads = value("hidden_size", "count"), value("num_attention_heads", "count")
-    if hf.get("hidden_act", "silu") != "silu":
-        refuse(f"hidden_act {hf['hidden_act']!r} does not map (our experts are SwiGLU: silu)")
-    head_dim = value("head_dim", "count", None)
-    if head_dim not in (None, d // heads) or d % heads:
-        refuse(f"head_dim {head_dim} != hidden_size/num_attention_heads ({d}/{heads})")
-    window = value("sliding_window", "count", None)
-    max_pos = value("max_position_embeddings", "count", None)
-    if window is not None and (max_pos is None or window < max_pos):
-        refuse(
-            f"sliding_window {window} < max_position_embeddings {max_pos} does not map "
-            "(our attention is full causal)"
-        )
-    for flag in ("attention_bias", "mlp_bias"):
-        if value(flag, "flag", False):
-            refuse(f"{flag}=true does not map (our projections have no biases)")
-    rope = _rope(hf, where)
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        refuse(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} does not map")
-
-
-def _rope(hf: dict[str, Any], where: str) -> dict[str, Any]:
-    """The RoPE settings: transformers 5's rope_parameters, else rope_scaling ({} if none)."""
-    value = partial(_hf_value, hf, where=where)
-    return value("rope_parameters", "mapping", None) or value("rope_scaling", "mapping", {})
-
-
-def _config_dict(hf: dict[str, Any], where: str) -> dict[str, Any]:
-    """Our config (sections of keys, as config.from_dict reads them) for a Mixtral
-    config.json that _refuse_unmapped has accepted."""
-    value = partial(_hf_value, hf, where=where)
-    heads = value("num_attention_heads", "count")
-    theta = value("rope_theta", "number", 1e6)  # 1e6: MixtralConfig's default
-    theta = _hf_value(_rope(hf, where), "rope_theta", "number", theta, where=where)  # v5's place
-    top_k, ffn = value("num_experts_per_tok", "count", 2), value("intermediate_size", "count")
-    return {
-        "model": {
-            "d_model": value("hidden_size", "count"),
-            "n_layers": value("num_hidden_layers", "count"),
-            "n_heads": heads,
-            "n_kv_heads": value("num_key_value_heads", "count", heads),
-            "d_ff": ffn,  # unused (no dense layers) but kept meaningful
-            "vocab_size": value("vocab_size", "count"),
-            "tie_embeddings": value("tie_word_embeddings", "flag", False),
-            "rope_theta": float(theta),
-            "norm_eps": float(value("rms_norm_eps", "number", 1e-5)),
-            "init_std": float(value("initializer_range", "number", 0.02)),
-        },
-        "moe": {
-            "num_experts": value("num_local_experts", "count", 8),
-            "top_k": top_k,
-            "d_expert": ffn,
-            "router": "topk",
-            "dispatch": "dropless",
-            "renormalize": True,
-            # HF jitters the whole MoE input, we the router input: training-only noise.
-            "jitter": float(value("router_jitter_noise", "number", 0.0)),
-            # HF's f_e counts assignments per token (sums to k), ours per assignment (sums
-            # to 1): the same loss needs k times the coefficient.
-            "lb_coef": float(value("router_aux_loss_coef", "number", 0.001)) * top_k,
-            "z_coef": 0.0,  # Mixtral trains without a router z-loss
-        },
-        # Fine-tuning defaults: a small learning rate; --set overrides as usual.
-        "train": {"lr": 1e-5, "warmup_steps": 10, "steps": 100},
-    }
-
-
-def config_to_hf(cfg: Config, source_hf: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A Mixtral config.json for cfg, or ConfigError naming what Mixtral cannot express."""
-    refuse_export(cfg)
-    m, e = cfg.model, cfg.moe
-    src = source_hf or {}
-    return {
-        "architectures": ["MixtralForCausalLM"],
-        "model_type": "mixtral",
-        "hidden_size": m.d_model,
-        "intermediate_size": e.d_expert,
-        "num_hidden_layers": m.n_layers,
-        "num_attention_heads": m.n_heads,
-        "num_key_value_heads": m.n_kv_heads,
-        "head_dim": m.d_model // m.n_heads,
-        "vocab_size": m.vocab_size,
-        "tie_word_embeddings": m.tie_embeddings,
-        "rms_norm_eps": m.norm_eps,
-        "rope_theta": m.rope_theta,  # transformers 4 reads this ...
-        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},  # ... 5 this
-        "hidden_act": "silu",
-        "num_local_experts": e.num_experts,
-        "num_experts_per_tok": e.top_k,
-        "router_aux_loss_coef": e.lb_coef / e.top_k,  # see config_from_hf
-        "router_jitter_noise": e.jitter,
-        "initializer_range": m.init_std,
-        "max_position_embeddings": src.get("max_position_embeddings", cfg.train.seq_len),
-        "sliding_window": None,
-        "attention_dropout": 0.0,
-        "bos_token_id": src.get("bos_token_id"),
-        "eos_token_id": src.get("eos_token_id"),
-        "pad_token_id": src.get("pad_token_id"),
-        "use_cache": True,
-        "dtype": "float32",
-        "torch_dtype": "float32",
-    }
-
-
-def refuse_export(cfg: Config) -> None:
-    """ConfigError (one line) for a model Mixtral cannot express."""
-    e = cfg.moe
-    reasons = [
-        (not cfg.is_moe, "moe.num_experts=0: a dense model"),
-        (
-            cfg.is_moe and (e.every != 1 or e.first_dense != 0),
-            "moe.every/first_dense: "
-            f"layers mixing dense and MoE (every={e.every}, first_dense={e.first_dense})",
-        ),
-        (e.num_shared > 0, f"moe.num_shared={e.num_shared}: shared experts"),
-        (e.router != "topk", f"moe.router={e.router}"),
-        (e.top_k > 1 and not e.renormalize, f"moe.top_k={e.top_k} without moe.renormalize"),
-        # Mixtral renormalises even k=1 (weight 1.0); ours keeps the softmax probability.
-        (e.top_k == 1, "moe.top_k=1 (weighted by the softmax probability, Switch style)"),
-    ]
-    for bad, reason in reasons:
-        if bad:
-            raise ConfigError(f"export-hf: Mixtral cannot express {reason}")
-
 
 # ------------------------------------------------------------------ tensor layout
 
 
 @dataclass(frozen=True)
 class Slot:
-    """One HF tensor and where it lives among our parameters."""
+    """One HF tensor, its shape, and where it lives among our parameters."""
 
     hf: str
+    shape: tuple[int, ...]  # in the HF checkpoint
     leaf: tuple  # our parameter's path in the params State
     index: tuple  # into that (stacked) parameter
     to_ours: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
 
 
-def _same(x):
-    return x
-
-
-def _linear(ours_shape: tuple[int, ...], n_in: int):
-    """HF nn.Linear weight [out, in] <-> ours [*in_dims, *out_dims] (n_in leading dims)."""
-    n_rows = math.prod(ours_shape[:n_in])
-    return (
+def _linear(hf: str, leaf: tuple, index: tuple, ours_shape: tuple[int, ...], n_in: int) -> Slot:
+    """An nn.Linear weight [out, in] <-> ours [*in_dims, *out_dims] (n_in leading dims)."""
+    n_rows, n_cols = math.prod(ours_shape[:n_in]), math.prod(ours_shape[n_in:])
+    return Slot(
+        hf,
+        (n_cols, n_rows),
+        leaf,
+        index,
         lambda w: np.ascontiguousarray(w.T).reshape(ours_shape),
         lambda x: np.ascontiguousarray(x.reshape(n_rows, -1).T),
     )
 
 
-def slots(cfg: Config) -> list[Slot]:
-    """Every tensor of the Mixtral checkpoint of cfg, in checkpoint order.
+def _vector(hf: str, leaf: tuple, index: tuple, ours_shape: tuple[int, ...]) -> Slot:
+    """A norm scale or bias [n] <-> ours of n elements in any shape, e.g. [H, Dh]."""
+    return Slot(
+        hf,
+        (math.prod(ours_shape),),
+        leaf,
+        index,
+        lambda w: w.reshape(ours_shape),
+        lambda x: np.ascontiguousarray(x).reshape(-1),
+    )
 
-    With model.share_layers, layer L reads unit L % g (the scan repeats the g unique units),
-    so shared weights appear once per layer that uses them.
+
+def _layer_places(cfg: Config) -> Iterator[tuple[tuple, tuple, str]]:
+    """For each layer in order: (its block's path, its index into that block's stacked
+    parameters, 'dense' or 'moe'), as model.Transformer stacks them.
+
+    With model.share_layers, a layer reads its unit modulo the unique units (the scan
+    repeats them), so shared weights appear once per layer that uses them.
     """
-    m, e = cfg.model, cfg.moe
-    d, h, kv, dh, f = m.d_model, m.n_heads, m.n_kv_heads, m.d_model // m.n_heads, e.d_expert
-    n_unique = m.share_layers or m.n_layers
-    out = [Slot("model.embed_tokens.weight", ("embed", "embedding"), (), _same, _same)]
-    blk = ("units", "blocks", 0)
-    gate_up = blk + ("ffn", "w_gate_up")  # [U, E, D, 2, F]: gate then up
-    for layer in range(m.n_layers):
-        u, p = (layer % n_unique,), f"model.layers.{layer}."
-        moe = p + "block_sparse_moe."
-        out += [
-            Slot(p + "input_layernorm.weight", blk + ("attn_norm", "scale"), u, _same, _same),
-            Slot(p + "self_attn.q_proj.weight", blk + ("attn", "wq"), u, *_linear((d, h, dh), 1)),
-            Slot(p + "self_attn.k_proj.weight", blk + ("attn", "wk"), u, *_linear((d, kv, dh), 1)),
-            Slot(p + "self_attn.v_proj.weight", blk + ("attn", "wv"), u, *_linear((d, kv, dh), 1)),
-            Slot(p + "self_attn.o_proj.weight", blk + ("attn", "wo"), u, *_linear((h, dh, d), 2)),
-            Slot(
-                p + "post_attention_layernorm.weight", blk + ("ffn_norm", "scale"), u, _same, _same
-            ),
-            Slot(
-                moe + "gate.weight", blk + ("ffn", "w_router"), u, *_linear((d, e.num_experts), 1)
-            ),
-        ]
-        for i in range(e.num_experts):
-            x = f"{moe}experts.{i}."
-            out += [
-                Slot(x + "w1.weight", gate_up, u + (i, slice(None), 0), *_linear((d, f), 1)),
-                Slot(x + "w2.weight", blk + ("ffn", "w_down"), u + (i,), *_linear((f, d), 1)),
-                Slot(x + "w3.weight", gate_up, u + (i, slice(None), 1), *_linear((d, f), 1)),
-            ]
-    out.append(Slot("model.norm.weight", ("final_norm", "scale"), (), _same, _same))
+    plan = cfg.layer_plan()
+    for layer in range(plan.prefix):
+        yield ("prefix", "blocks", 0), (layer,), "dense"
+    for j in range(cfg.model.n_layers - plan.prefix):
+        unit, block = divmod(j, len(plan.unit))
+        yield ("units", "blocks", block), (unit % plan.unique_units,), plan.unit[block]
+
+
+def slots(cfg: Config, family: Family) -> list[Slot]:
+    """Every tensor of the family's checkpoint of cfg, in checkpoint order."""
+    m = cfg.model
+    out = [
+        Slot(
+            "model.embed_tokens.weight",
+            (m.vocab_size, m.d_model),
+            ("embed", "embedding"),
+            (),
+            _same,
+            _same,
+        )
+    ]
+    for layer, (blk, u, kind) in enumerate(_layer_places(cfg)):
+        p = f"model.layers.{layer}."
+        out.append(
+            _vector(p + "input_layernorm.weight", blk + ("attn_norm", "scale"), u, (m.d_model,))
+        )
+        out += _attention_slots(cfg, p + "self_attn.", blk + ("attn",), u)
+        out.append(
+            _vector(
+                p + "post_attention_layernorm.weight", blk + ("ffn_norm", "scale"), u, (m.d_model,)
+            )
+        )
+        if kind == "dense":
+            out += _mlp_slots(p + "mlp.", blk + ("ffn",), u, m.d_model, m.d_ff)
+        else:
+            out += _moe_slots(cfg, family, p + family.experts_prefix, blk + ("ffn",), u)
+    out.append(_vector("model.norm.weight", ("final_norm", "scale"), (), (m.d_model,)))
     if not m.tie_embeddings:
-        out.append(Slot("lm_head.weight", ("unembed",), (), *_linear((d, m.vocab_size), 1)))
+        out.append(_linear("lm_head.weight", ("unembed",), (), (m.d_model, m.vocab_size), 1))
+    return out
+
+
+def _same(x):
+    return x
+
+
+def _attention_slots(cfg: Config, p: str, attn: tuple, u: tuple) -> list[Slot]:
+    """q, k, v, o projections, then their biases and q/k norms where cfg has them."""
+    m = cfg.model
+    d, h, kv, dh = m.d_model, m.n_heads, m.n_kv_heads, m.d_head
+    out = [
+        _linear(p + "q_proj.weight", attn + ("wq",), u, (d, h, dh), 1),
+        _linear(p + "k_proj.weight", attn + ("wk",), u, (d, kv, dh), 1),
+        _linear(p + "v_proj.weight", attn + ("wv",), u, (d, kv, dh), 1),
+        _linear(p + "o_proj.weight", attn + ("wo",), u, (h, dh, d), 2),
+    ]
+    if m.qkv_bias:
+        for name, heads in (("q", h), ("k", kv), ("v", kv)):
+            out.append(_vector(f"{p}{name}_proj.bias", attn + (f"{name}_bias",), u, (heads, dh)))
+    if m.qk_norm != "none":
+        for name, heads in (("q", h), ("k", kv)):
+            shape = (dh,) if m.qk_norm == "head" else (heads, dh)
+            out.append(
+                _vector(f"{p}{name}_norm.weight", attn + (f"{name}_norm", "scale"), u, shape)
+            )
+    return out
+
+
+def _mlp_slots(p: str, ffn: tuple, u: tuple, d: int, f: int, ours=("w_gate", "w_up", "w_down")):
+    """A SwiGLU MLP's gate_proj, up_proj, down_proj (a dense layer's, or a shared expert's)."""
+    gate, up, down = ours
+    return [
+        _linear(p + "gate_proj.weight", ffn + (gate,), u, (d, f), 1),
+        _linear(p + "up_proj.weight", ffn + (up,), u, (d, f), 1),
+        _linear(p + "down_proj.weight", ffn + (down,), u, (f, d), 1),
+    ]
+
+
+def _moe_slots(cfg: Config, family: Family, p: str, ffn: tuple, u: tuple) -> list[Slot]:
+    """The router, each expert's gate, up and down, and the gated shared expert if any."""
+    d, e = cfg.model.d_model, cfg.moe
+    gate_up = ffn + ("w_gate_up",)  # [U, E, D, 2, F]: gate then up
+    out = [_linear(p + "gate.weight", ffn + ("w_router",), u, (d, e.num_experts), 1)]
+    gate, up, down = family.expert_names
+    for i in range(e.num_experts):
+        x = f"{p}experts.{i}."
+        out += [
+            _linear(f"{x}{gate}.weight", gate_up, u + (i, slice(None), 0), (d, e.d_expert), 1),
+            _linear(f"{x}{up}.weight", gate_up, u + (i, slice(None), 1), (d, e.d_expert), 1),
+            _linear(f"{x}{down}.weight", ffn + ("w_down",), u + (i,), (e.d_expert, d), 1),
+        ]
+    if e.num_shared:
+        shared = ("w_shared_gate", "w_shared_up", "w_shared_down")
+        out += _mlp_slots(p + "shared_expert.", ffn, u, d, e.shared_width, shared)
+        out.append(
+            _linear(p + "shared_expert_gate.weight", ffn + ("w_shared_sigmoid",), u, (d, 1), 1)
+        )
     return out
 
 
@@ -332,12 +229,16 @@ def slots(cfg: Config) -> list[Slot]:
 class SafetensorsDir:
     """The tensors of a Hugging Face checkpoint directory, read one at a time by name.
 
-    Accepts v4 names for experts also when the files hold transformers 5's fused ones.
+    Accepts per-expert names also when the files hold transformers 5's fused ones.
     Opening reads only the files' headers (names, dtypes, shapes), which safetensors checks
     against the file sizes.
     """
 
-    _V4_EXPERT = re.compile(r"(model\.layers\.\d+\.)block_sparse_moe\.experts\.(\d+)\.w([123])\.")
+    _EXPERT = re.compile(
+        r"(model\.layers\.\d+\.)(?:block_sparse_moe|mlp)\.experts\.(\d+)\."
+        r"(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$"
+    )
+    _GATE, _DOWN = ("w1", "gate_proj"), ("w2", "down_proj")
 
     def __init__(self, src: Path, stack: ExitStack):
         from safetensors import SafetensorError, safe_open
@@ -359,15 +260,13 @@ class SafetensorsDir:
         return tuple(view.get_shape()), view.get_dtype()
 
     def stored_name(self, name: str) -> str:
-        """The stored tensor that holds the v4 tensor `name`: itself or transformers 5's."""
+        """The stored tensor that holds the tensor `name`: itself or transformers 5's."""
         if name in self.file_of:
             return name
-        match = self._V4_EXPERT.match(name)
+        match = self._EXPERT.match(name)
         if match is not None:
-            w = match.group(3)
-            alias = match.group(1) + (
-                "mlp.experts.down_proj" if w == "2" else "mlp.experts.gate_up_proj"
-            )
+            fused = "down_proj" if match.group(3) in self._DOWN else "gate_up_proj"
+            alias = f"{match.group(1)}mlp.experts.{fused}"
         else:
             alias = name.replace("block_sparse_moe.gate.", "mlp.gate.")
         if alias in self.file_of:
@@ -376,24 +275,24 @@ class SafetensorsDir:
         raise ConfigError(f"checkpoint has no tensor {name}{nor}")
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor `name` (a v4 name) as float32."""
+        """The tensor `name` (a per-expert name for experts) as float32."""
         stored = self.stored_name(name)
-        match = self._V4_EXPERT.match(name)
+        match = self._EXPERT.match(name)
         if stored == name or match is None:
             return self.file_of[stored].get_tensor(stored).astype(np.float32)
         i, w = int(match.group(2)), match.group(3)
         rows = self.file_of[stored].get_slice(stored)[i].astype(np.float32)  # one expert only
-        if w == "2":
+        if w in self._DOWN:
             return rows  # [D, F]
         half = rows.shape[0] // 2  # gate_up rows: gate then up
-        return rows[:half] if w == "1" else rows[half:]  # [F, D]
+        return rows[:half] if w in self._GATE else rows[half:]  # [F, D]
 
 
 def _safetensors_files(src: Path) -> list[str]:
     """The files of src's index (each checked to exist), else every *.safetensors in src."""
     index = src / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json_object(index).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not all(
             isinstance(f, str) for f in weight_map.values()
         ):
@@ -415,17 +314,19 @@ def _safetensors_files(src: Path) -> list[str]:
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names of what we convert
 
 
-def _check_tensors(cfg: Config, reader: SafetensorsDir) -> None:
+def _check_tensors(cfg: Config, family: Family, reader: SafetensorsDir) -> None:
     """ConfigError (one line) for the first stored tensor that is missing, unused, not
     floating point or not of the shape config.json implies, so that a wrong layout of the
     same size (e.g. a transposed projection) is refused, not silently reshaped."""
-    stored = dict.fromkeys(reader.stored_name(slot.hf) for slot in slots(cfg))  # in order
-    for name in stored:
+    stored: dict[str, Slot] = {}  # in checkpoint order
+    for slot in slots(cfg, family):
+        stored.setdefault(reader.stored_name(slot.hf), slot)
+    for name, slot in stored.items():
         shape, dtype = reader.header(name)
         if dtype not in _FLOAT_DTYPES:
             floats = ", ".join(_FLOAT_DTYPES)
             raise ConfigError(f"tensor {name}: dtype {dtype}, expected a float ({floats})")
-        expected = _hf_shape(name, cfg)
+        expected = _stored_shape(name, slot, cfg)
         if shape != expected:
             raise ConfigError(
                 f"tensor {name}: shape {shape} in the checkpoint, expected {expected} "
@@ -435,14 +336,28 @@ def _check_tensors(cfg: Config, reader: SafetensorsDir) -> None:
     left = sorted(reader.names() - stored.keys() - ignorable)
     left = [n for n in left if not n.endswith("rotary_emb.inv_freq")]  # a buffer, not a weight
     if left:
-        raise ConfigError(f"tensor {left[0]} has no place in a Mixtral model ({len(left)} unused)")
+        raise ConfigError(
+            f"tensor {left[0]} has no place in a {family.title} model ({len(left)} unused)"
+        )
+
+
+def _stored_shape(stored: str, slot: Slot, cfg: Config) -> tuple[int, ...]:
+    """The shape of the stored tensor holding slot: the slot's own, or that of transformers
+    5's experts fused over the layer."""
+    e, d = cfg.moe, cfg.model.d_model
+    if stored.endswith("mlp.experts.gate_up_proj"):
+        return (e.num_experts, 2 * e.d_expert, d)  # gate rows then up rows
+    if stored.endswith("mlp.experts.down_proj"):
+        return (e.num_experts, d, e.d_expert)
+    return slot.shape
 
 
 # ------------------------------------------------------------------------- import
 
 
 def import_hf(src: str | Path, workdir: str | Path, log=print) -> Config:
-    """Converts a Hugging Face Mixtral directory into a workdir holding a step-0 checkpoint.
+    """Converts a Hugging Face checkpoint directory of a supported family into a workdir
+    holding a step-0 checkpoint.
 
     The checkpoint holds parameters only; `sparsemodel train` on the workdir starts a fresh
     optimizer from it (fine-tuning). Every check runs before anything is written, and the
@@ -455,22 +370,27 @@ def import_hf(src: str | Path, workdir: str | Path, log=print) -> Config:
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
         raise ConfigError(f"{src}: no config.json (not a Hugging Face checkpoint directory)")
-    hf_cfg = _read_json_object(cfg_path)
+    hf_cfg = read_json_object(cfg_path)
     cfg = config_from_hf(hf_cfg, str(cfg_path))
-    tokenizer = src / "tokenizer.json"
+    family = FAMILIES[hf_cfg["model_type"]]
+    tokenizer, generation = src / "tokenizer.json", src / "generation_config.json"
     if tokenizer.is_file():
         cfg = cfg.replace({"data.tokenizer": "bpe"})  # train/eval/generate read the copy below
+    if generation.is_file():
+        read_json_object(generation)  # export-hf writes it back: refuse a broken one now
     _refuse_existing(workdir, f"--workdir {workdir}")
     with ExitStack() as stack:
         reader = SafetensorsDir(src, stack)
-        _check_tensors(cfg, reader)
+        _check_tensors(cfg, family, reader)
         with _built_beside(workdir, f"--workdir {workdir}") as build:
             if tokenizer.is_file():
                 shutil.copyfile(tokenizer, build / "tokenizer.json")
+            if generation.is_file():
+                shutil.copyfile(generation, build / "hf_generation_config.json")
             (build / "hf_config.json").write_text(json.dumps(hf_cfg, indent=2))  # for export-hf
             memmaps = build / "import-memmaps"
             memmaps.mkdir()
-            params = _assemble(cfg, reader, memmaps, log)
+            params = _assemble(cfg, family, reader, memmaps, log)
             ckpt = Checkpointer(build, async_save=False)
             ckpt.save_host_params(0, params, {"step": 0, "seed": 0, "source": str(src)})
             ckpt.close()
@@ -510,7 +430,7 @@ def _built_beside(dest: Path, what: str) -> Iterator[Path]:
         raise
 
 
-def _assemble(cfg: Config, reader: SafetensorsDir, memmaps: Path, log):
+def _assemble(cfg: Config, family: Family, reader: SafetensorsDir, memmaps: Path, log):
     """Our params State with numpy memmap leaves (under memmaps), filled tensor by tensor."""
     import jax
 
@@ -528,7 +448,8 @@ def _assemble(cfg: Config, reader: SafetensorsDir, memmaps: Path, log):
         return a
 
     params = jax.tree_util.tree_map_with_path(memmap, target)
-    todo = slots(cfg)
+    todo = slots(cfg, family)
+    assert {slot.leaf for slot in todo} == arrays.keys(), "a parameter no tensor fills"
     for n, slot in enumerate(todo):
         # _check_tensors has matched the HF shape to the config, so this reshape is exact.
         arrays[slot.leaf][slot.index] = slot.to_ours(reader.get(slot.hf))
@@ -553,8 +474,11 @@ def export_hf(
     out: str | Path,
     step: int | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    model_type: str | None = None,
 ) -> list[Path]:
-    """Writes a Mixtral-format directory (config.json + safetensors) that transformers loads.
+    """Writes a Hugging Face directory (config.json, generation_config.json, safetensors)
+    that transformers loads, as `model_type`: by default the family the workdir was
+    imported from, else the first that can express the model.
 
     One of our parameters is held in memory at a time. out must be new (or an empty
     directory); it is written under a temporary name beside it and renamed when complete.
@@ -567,7 +491,10 @@ def export_hf(
         raise ConfigError(f"--workdir {workdir}: no config.yaml (not a sparsemodel workdir)")
     cfg = config_lib.load_stored(workdir / "config.yaml")
     source = workdir / "hf_config.json"
-    hf_cfg = config_to_hf(cfg, _read_json_object(source) if source.is_file() else None)
+    source_hf = read_json_object(source) if source.is_file() else {}
+    family = export_family(cfg, model_type or source_hf.get("model_type"))
+    hf_cfg = config_to_hf(cfg, family, source_hf)
+    generation = _generation_config(workdir, hf_cfg)
     _refuse_existing(out, f"output {out}")
     ckpt = Checkpointer(workdir, async_save=False)
     step = ckpt.latest_step() if step is None else step
@@ -575,9 +502,9 @@ def export_hf(
         raise CheckpointError(f"--workdir {workdir}: holds no checkpoint yet")
     _check_checkpoint_holds(ckpt, step, cfg)
 
-    todo = sorted(slots(cfg), key=lambda s: tuple(map(str, s.leaf)))  # a leaf's slots together
+    todo = sorted(slots(cfg, family), key=lambda s: tuple(map(str, s.leaf)))  # leaf by leaf
     fetch = _one_leaf_at_a_time(ckpt, step)
-    shapes = {s.hf: _hf_shape(s.hf, cfg) for s in todo}
+    shapes = {s.hf: s.shape for s in todo}
     shards = list(_split(todo, shapes, max_shard_bytes))
     names = _shard_names(len(shards))
     with _built_beside(out, f"output {out}") as build:
@@ -590,11 +517,36 @@ def export_hf(
         if len(shards) > 1:
             names.append(_write_index(build, names, shards, shapes))
         (build / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-        names.append("config.json")
+        (build / "generation_config.json").write_text(json.dumps(generation, indent=2))
+        names += ["config.json", "generation_config.json"]
         if (workdir / "tokenizer.json").is_file():
             shutil.copyfile(workdir / "tokenizer.json", build / "tokenizer.json")
             names.append("tokenizer.json")
     return [out / name for name in names]
+
+
+def _generation_config(workdir: Path, hf_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The imported model's generation_config.json, else one of config.json's token ids."""
+    stored = workdir / "hf_generation_config.json"
+    if stored.is_file():
+        return read_json_object(stored)
+    ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+    return {key: hf_cfg[key] for key in ids if hf_cfg[key] is not None}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as '5GB', '500MB', '2GiB' or '1000000', as save_pretrained's
+    max_shard_size reads them; ConfigError (one line) otherwise."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    units |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match and match.group(2).upper()
+    if not match or unit not in units or float(match.group(1)) * units[unit] < 1:
+        raise ConfigError(
+            f"--max-shard-size {config_lib.bounded(text)}: expected a size such as 5GB, "
+            "500MB or 2GiB"
+        )
+    return int(float(match.group(1)) * units[unit])
 
 
 def _one_leaf_at_a_time(ckpt, step: int) -> Callable[[Slot], np.ndarray]:
@@ -637,32 +589,6 @@ def _check_checkpoint_holds(ckpt, step: int, cfg: Config) -> None:
 
     _, target = abstract_params(cfg, sharding.make_mesh(config_lib.MeshConfig()))
     ckpt.check_model(step, ckpt.meta(step), target, cfg)
-
-
-def _hf_shape(name: str, cfg: Config) -> tuple[int, ...]:
-    """Shape of the HF tensor `name` (v4 or transformers 5's fused experts) from the config
-    alone: what export writes and what import accepts."""
-    m, e = cfg.model, cfg.moe
-    d, f = m.d_model, e.d_expert
-    q_rows, kv_rows = m.n_heads * (d // m.n_heads), m.n_kv_heads * (d // m.n_heads)
-    for suffix, shape in (
-        ("embed_tokens.weight", (m.vocab_size, d)),
-        ("lm_head.weight", (m.vocab_size, d)),
-        ("norm.weight", (d,)),  # also input_/post_attention_layernorm
-        ("q_proj.weight", (q_rows, d)),
-        ("k_proj.weight", (kv_rows, d)),
-        ("v_proj.weight", (kv_rows, d)),
-        ("o_proj.weight", (d, q_rows)),
-        ("gate.weight", (e.num_experts, d)),  # block_sparse_moe. or mlp.
-        ("w1.weight", (f, d)),
-        ("w3.weight", (f, d)),
-        ("w2.weight", (d, f)),
-        ("experts.gate_up_proj", (e.num_experts, 2 * f, d)),  # w1 rows then w3 rows
-        ("experts.down_proj", (e.num_experts, d, f)),
-    ):
-        if name.endswith(suffix):
-            return shape
-    raise AssertionError(name)
 
 
 def _split(todo: list[Slot], shapes, max_bytes: int) -> Iterator[list[Slot]]:

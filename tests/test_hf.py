@@ -134,17 +134,15 @@ MIXTRAL_JSON = {
     "changes, message",
     [
         (
-            {"model_type": "qwen2_moe"},
-            "qwen2_moe does not map: it has q/k/v projection biases and a "
-            "sigmoid-gated shared expert",
+            {"model_type": "deepseek_v3"},
+            "model_type deepseek_v3 does not map: it has multi-head latent attention (MLA)",
         ),
-        ({"model_type": "olmoe"}, "olmoe does not map: it has q/k RMSNorm"),
-        ({"model_type": "llama"}, "model_type 'llama' is not supported"),
+        ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported (import-hf reads mixtral,"),
         ({"model_type": ["mixtral"]}, "model_type ['mixtral'] is not supported"),
         ({"model_type": {"a": 1}}, "model_type {'a': 1} is not supported"),
         ({"sliding_window": 1024}, "sliding_window 1024 < max_position_embeddings 4096"),
-        ({"head_dim": 32}, "head_dim 32 != hidden_size/num_attention_heads"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu' does not map"),
+        ({"num_experts_per_tok": 1}, "num_experts_per_tok=1 with renormalised weights"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "RoPE scaling 'yarn'"),
     ],
 )
@@ -415,7 +413,8 @@ def test_export_refuses_what_mixtral_cannot_express(tmp_path, capsys, overrides,
     wd = tmp_path / "wd"
     wd.mkdir()
     config.dump(config.load("tiny", overrides), wd / "config.yaml")
-    assert cli.main(["export-hf", "--workdir", str(wd), str(tmp_path / "out")]) == 2
+    argv = ["export-hf", "--workdir", str(wd), str(tmp_path / "out"), "--model-type", "mixtral"]
+    assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Mixtral cannot express" in err and message in err, err
     assert not (tmp_path / "out").exists()
