@@ -30,13 +30,22 @@ def array_checksum(x: jax.Array) -> jax.Array:
     return jnp.stack([a, b])
 
 
+# Words per slice of numpy_checksum: its temporaries are a few times a slice, not the
+# array, so import-hf checksums memory-mapped parameters larger than memory.
+SLICE = 1 << 22
+
+
 def numpy_checksum(x: np.ndarray) -> np.ndarray:
-    """array_checksum of a host array, computed in numpy (uint32 arithmetic wraps)."""
-    w = np.ascontiguousarray(x).view(_unsigned(x.dtype)).reshape(-1).astype(np.uint32)
-    i = np.arange(w.shape[0], dtype=np.uint32)
-    a = np.sum((2 * i + 1) * w, dtype=np.uint32)
-    b = np.sum((i * np.uint32(_GOLDEN) | 1) * (w ^ (w >> 16)), dtype=np.uint32)
-    return np.stack([a, b])
+    """array_checksum of a host array, computed in numpy a slice at a time (uint32
+    arithmetic wraps, so the slices' sums add up mod 2^32 to the whole array's)."""
+    words = np.ascontiguousarray(x).view(_unsigned(x.dtype)).reshape(-1)
+    a = b = 0
+    for start in range(0, words.shape[0], SLICE):
+        w = words[start : start + SLICE].astype(np.uint32)
+        i = np.arange(start, start + w.shape[0], dtype=np.uint64).astype(np.uint32)
+        a += int(np.sum((2 * i + 1) * w, dtype=np.uint32))
+        b += int(np.sum((i * np.uint32(_GOLDEN) | 1) * (w ^ (w >> 16)), dtype=np.uint32))
+    return np.array([a % 2**32, b % 2**32], np.uint32)
 
 
 @jax.jit
