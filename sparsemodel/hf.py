@@ -217,9 +217,9 @@ def _moe_slots(cfg: Config, family: Family, p: str, ffn: tuple, u: tuple) -> lis
     if e.num_shared:
         shared = ("w_shared_gate", "w_shared_up", "w_shared_down")
         out += _mlp_slots(p + "shared_expert.", ffn, u, d, e.shared_width, shared)
-        out.append(
-            _linear(p + "shared_expert_gate.weight", ffn + ("w_shared_sigmoid",), u, (d, 1), 1)
-        )
+    if e.shared_gate:
+        sigmoid = ffn + ("w_shared_sigmoid",)
+        out.append(_linear(p + "shared_expert_gate.weight", sigmoid, u, (d, 1), 1))
     return out
 
 
@@ -478,7 +478,7 @@ def export_hf(
 ) -> list[Path]:
     """Writes a Hugging Face directory (config.json, generation_config.json, safetensors)
     that transformers loads, as `model_type`: by default the family the workdir was
-    imported from, else the first that can express the model.
+    imported from where it can express the model, else the first that can.
 
     One of our parameters is held in memory at a time. out must be new (or an empty
     directory); it is written under a temporary name beside it and renamed when complete.
@@ -492,7 +492,7 @@ def export_hf(
     cfg = config_lib.load_stored(workdir / "config.yaml")
     source = workdir / "hf_config.json"
     source_hf = read_json_object(source) if source.is_file() else {}
-    family = export_family(cfg, model_type or source_hf.get("model_type"))
+    family = export_family(cfg, model_type, source_hf.get("model_type"))
     hf_cfg = config_to_hf(cfg, family, source_hf)
     generation = _generation_config(workdir, hf_cfg)
     _refuse_existing(out, f"output {out}")

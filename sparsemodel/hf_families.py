@@ -577,9 +577,10 @@ def _moe_cannot_express(cfg: Config, keys: MoEKeys) -> list[tuple[bool, str]]:
     ]
 
 
-def export_family(cfg: Config, model_type: str | None) -> Family:
+def export_family(cfg: Config, model_type: str | None, imported: str | None = None) -> Family:
     """The family to export cfg as: model_type's (refused when it cannot express cfg), else
-    the first of FAMILIES that can, else ConfigError naming what each one lacks."""
+    the one it was imported from if that can, else the first of FAMILIES that can, else
+    ConfigError naming what each one lacks."""
     if model_type is not None:
         if model_type not in FAMILIES:
             raise ConfigError(
@@ -588,6 +589,7 @@ def export_family(cfg: Config, model_type: str | None) -> Family:
         refuse_export(cfg, FAMILIES[model_type])
         return FAMILIES[model_type]
     kin = [f for f in FAMILIES.values() if (f.moe is not None) == cfg.is_moe]
+    kin.sort(key=lambda f: f.model_type != imported)  # stable: the imported one first
     reasons = {f.model_type: cannot_express(cfg, f) for f in kin}
     for family in kin:
         if reasons[family.model_type] is None:
