@@ -426,9 +426,12 @@ def expert_capacity(n_tokens: int, k: int, n_experts: int, factor: float) -> int
 def batched_experts(w, xb_ecd):
     """SwiGLU of each expert on its own buffer: [E, C, D] -> [E, C, D]."""
     dtype = xb_ecd.dtype
-    h = jnp.einsum("ecd,edjf->ecjf", xb_ecd, w["gate_up"].astype(dtype))  # [E, C, 2, F]
-    h = jax.nn.silu(h[:, :, 0]) * h[:, :, 1]
-    return jnp.einsum("ecf,efd->ecd", h, w["down"].astype(dtype))
+    e, d, _, f = w["gate_up"].shape
+    # [E, D, 2F]: one batched matmul over both halves (an einsum keeping the pair axis
+    # ran twice as slow on XLA:CPU)
+    gate_up = w["gate_up"].astype(dtype).reshape(e, d, 2 * f)
+    h = jnp.einsum("ecd,edf->ecf", xb_ecd, gate_up)  # [E, C, 2F]
+    return jnp.einsum("ecf,efd->ecd", jax.nn.silu(h[..., :f]) * h[..., f:], w["down"].astype(dtype))
 
 
 # ------------------------------------------------------------------ token choice
