@@ -140,6 +140,7 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0
     dtype: Literal["float32", "bfloat16"] = "float32"
+    moment_dtype: Literal["float32", "bfloat16"] = "float32"  # AdamW's two moments, stored
     remat: Literal["none", "full", "dots"] = "none"
     log_every: int = 10
     checkpoint_every: int = 200
