@@ -787,3 +787,11 @@ def test_counted_block_form_equals_the_per_expert_loops(block):
     for g, w_ in zip(got[1], want[1], strict=True):  # summation order differs (GPU: 1.5e-5)
         np.testing.assert_allclose(np.asarray(g), np.asarray(w_), rtol=5e-5, atol=1e-5)
     assert not np.any(np.asarray(got[1][1])[[1, 4]]), "experts without rows get zero gradient"
+
+    def recomputed(x, *w):  # the backward recomputes each block's gate/up product
+        stack = gm.StackedExperts.single(*w)
+        return jnp.sum(jnp.sin(gm.loop_swiglu(x, blocks, block, stack, recompute=True)[0]))
+
+    again = jax.value_and_grad(recomputed, argnums=(0, 1, 2))(x, *w)
+    for g, g_ in zip(jax.tree.leaves(again), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(g_))
