@@ -137,3 +137,20 @@ def test_a_timing_call_batches_enough_instances_but_never_more_than_the_step_run
     assert per_call * 2 * 16**3 >= shapes.MIN_FLOPS_PER_CALL > (per_call - 1) * 2 * 16**3
     assert shapes.instances_per_call(small, 3) == 3
     assert shapes.instances_per_call((4096, 4096, 4096), 5) == 1
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """experiments/bench.py, whose sibling modules import by name as when it runs."""
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    return _module("bench")
+
+
+@pytest.mark.parametrize("d_model", [64, 128, 256])
+def test_each_size_pairs_the_moe_with_a_dense_twin_of_equal_active_width(bench, d_model):
+    cfgs = bench.size_configs(d_model)
+    moe, dense = cfgs["moe"], cfgs["dense"]
+    router = moe.model.n_layers * moe.model.d_model * moe.moe.num_experts
+    assert flops.matmul_params_per_token(moe) - router == flops.matmul_params_per_token(dense)
+    assert moe.is_moe and not dense.is_moe
+    assert _tokens(moe) == _tokens(dense) == 4096
