@@ -22,19 +22,16 @@ size_overrides and in each record's "configs".
   step_ms_d*               {moe, dense}: each train step (ms); report
   layer_ratio_d*           one FFN layer's fwd+bwd on 4,096 tokens, MoE / dense; <= 1.30
   layer_ms_d*              {moe, dense}: each layer (ms); report
-  step_efficiency_dense_d* the dense step's model FLOP/s over what XLA's matmuls achieve on
-                           the step's matmul shapes (bench_shapes.py: each shape timed
-                           alone, in turn with the steps, rates weighted by the shape's
-                           FLOPs); >= 0.85
+  step_efficiency_dense_d* the dense step's model FLOP/s over the model FLOP/s of a step
+                           made of nothing but its matmuls, each shape at the rate XLA
+                           achieves on it alone (bench_shapes.py; timed in turn with the
+                           steps): the matmuls' time over the step's. Both count the same
+                           model FLOPs, so a step that is all matmul scores 1.0; >= 0.85
   step_efficiency_moe_d*   the MoE step's, against its own shapes; >= 0.85
   step_efficiency_moe_dense_shapes_d*  the MoE step's, against the dense twin's shapes
                            (smaller expert blocks cannot flatter it); >= 0.85
-  step_efficiency_ceiling_d*  {moe, dense}: model FLOPs / the listed matmuls' FLOPs, the
-                           efficiency of a step made of nothing but its matmuls, each at its
-                           timed rate (below 1: the model FLOPs count causal attention's
-                           half, XLA's matmuls the full square); a count, no spread
-  model_gflops_d*, matmul_gflops_d*  {moe, dense}: model GFLOP/s of each step; achievable
-                           GFLOP/s of each step's shapes; report
+  model_gflops_d*, matmul_gflops_d*  {moe, dense}: model GFLOP/s of each step, and of a
+                           step made of its matmuls alone; report
 Real routing, the d_model 64 pair on text: validation batches of the stdlib corpus, the
 MoE's router trained ROUTER_STEPS steps with train.run in runs/bench-router/ (trained once,
 reused by later runs); the dense twin from fresh parameters (its time does not depend on
@@ -302,9 +299,7 @@ def _layer_part_runners(cfg, tokens: int) -> dict:
         "router": _runner(jax.jit(jax.grad(router, (0, 1))), w["router"], x),
         "layout": _runner(jax.jit(layout), routing.experts),
         "dispatch": _runner(jax.jit(jax.grad(sq(dispatch.gather_rows))), x, lay),
-        "experts": _runner(
-            jax.jit(jax.grad(experts, (0, 1, 2))), xr, w["gate_up"], w["down"]
-        ),
+        "experts": _runner(jax.jit(jax.grad(experts, (0, 1, 2))), xr, w["gate_up"], w["down"]),
         "combine": _runner(
             jax.jit(jax.grad(sq(dispatch.combine), (0, 1))), xr, routing.weights, lay
         ),
@@ -424,14 +419,14 @@ def _size_figures(d_model: int, repeats: int):
     rounds = alternate(runners, repeats)  # the steps and every matmul shape, in turn
     model_flops = {name: flops.model_flops_per_token(c) * _tokens(c) for name, c in cfgs.items()}
 
-    def achievable(r, shapes_of: str) -> float:
-        """FLOP/s of a config's matmuls at the shapes' rates of round r."""
+    def matmul_seconds(r, shapes_of: str) -> float:
+        """A config's matmuls' time at the shapes' rates of round r."""
         rate = {s: 2 * math.prod(s) * n / r[s] for s, n in instances.items()}
-        return bench_shapes.achievable_flops_per_s(matmuls[shapes_of], rate)
+        return bench_shapes.matmul_seconds(matmuls[shapes_of], rate)
 
     def efficiency(name: str, against: str) -> dict[str, float]:
-        """The spread of name's model FLOP/s over the achievable rate of against's shapes."""
-        return per_round(lambda r: model_flops[name] / r[name] / achievable(r, against), rounds)
+        """The spread of the matmul time of against's shapes over name's step time."""
+        return per_round(lambda r: matmul_seconds(r, against) / r[name], rounds)
 
     figures, step_row = _pair(rounds, f"step_ratio{tag}", f"step_ms{tag}", "<= 1.20")
     layer_figures, layer_row = _pair(
@@ -446,12 +441,10 @@ def _size_figures(d_model: int, repeats: int):
         name: per_second(rounds, name, model_flops[name] / 1e9) for name in cfgs
     }
     figures[f"matmul_gflops{tag}"] = {
-        name: per_round(lambda r, name=name: achievable(r, name) / 1e9, rounds) for name in cfgs
-    }
-    # A step made of nothing but its listed matmuls, each at its timed rate, would score
-    # this: the model FLOPs count the causal half of attention, XLA runs the full square.
-    figures[f"step_efficiency_ceiling{tag}"] = {
-        name: model_flops[name] / sum(f.flops for f in matmuls[name]) for name in cfgs
+        name: per_round(
+            lambda r, name=name: model_flops[name] / matmul_seconds(r, name) / 1e9, rounds
+        )
+        for name in cfgs
     }
     model, mm = figures[f"model_gflops{tag}"], figures[f"matmul_gflops{tag}"]
     rows = [step_row, layer_row]

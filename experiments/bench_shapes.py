@@ -149,8 +149,6 @@ def instances_per_call(shape: tuple[int, int, int], count: int) -> int:
     return max(1, min(count, math.ceil(MIN_FLOPS_PER_CALL / (2 * math.prod(shape)))))
 
 
-def achievable_flops_per_s(matmuls: list[Matmul], rate: dict[tuple[int, int, int], float]):
-    """FLOP/s of the step's matmuls if each ran at its shape's `rate` (FLOP/s): their
-    FLOPs over the time they would take."""
-    total = sum(f.flops for f in matmuls)
-    return total / sum(f.flops / rate[(f.m, f.k, f.n)] for f in matmuls)
+def matmul_seconds(matmuls: list[Matmul], rate: dict[tuple[int, int, int], float]) -> float:
+    """The time the step's matmuls take if each runs at its shape's `rate` (FLOP/s)."""
+    return sum(f.flops / rate[(f.m, f.k, f.n)] for f in matmuls)

@@ -124,11 +124,11 @@ def test_routing_it_does_not_model_is_refused_in_one_line(overrides):
     assert "\n" not in str(e.value)
 
 
-def test_achievable_rate_weights_each_shape_by_its_flops():
+def test_matmul_time_adds_each_shape_at_its_own_rate():
     fast = shapes.Matmul("fast", 8, 8, 24, 1)  # 3,072 FLOPs at 100 FLOP/s: 30.72 s
     slow = shapes.Matmul("slow", 8, 8, 8, 1)  # 1,024 FLOPs at 25 FLOP/s: 40.96 s
     rate = {(8, 8, 24): 100.0, (8, 8, 8): 25.0}
-    assert shapes.achievable_flops_per_s([fast, slow], rate) == pytest.approx(4096 / 71.68)
+    assert shapes.matmul_seconds([fast, slow], rate) == pytest.approx(71.68)
 
 
 def test_a_timing_call_batches_enough_instances_but_never_more_than_the_step_runs():
