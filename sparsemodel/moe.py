@@ -457,9 +457,7 @@ def token_choice(
     elif kern.grouped_matmul == "tokamax":
         y_rd, layout = dropless_tokamax(w, x_td, routing, n_experts)
     else:
-        y_rd, layout, experts = dropless_blocks(
-            w, x_td, routing, n_experts, cfg.moe.block_size, kern.grouped_matmul, experts
-        )
+        y_rd, layout, experts = dropless_blocks(w, x_td, routing, n_experts, cfg, kern, experts)
     with jax.named_scope("combine"):
         y = dispatch.combine(y_rd, jnp.where(kept, routing.weights, 0.0), layout)
     return y, kept, counts, experts
@@ -485,7 +483,7 @@ def capacity_experts(cfg: Config, w, x_td, routing: Routing, n_experts: int, seq
     return yb.reshape(placed.n_rows, -1), layout, placed.keep, counts
 
 
-def dropless_blocks(w, x_td, routing: Routing, n_experts: int, block: int, kind: str, experts):
+def dropless_blocks(w, x_td, routing: Routing, n_experts: int, cfg: Config, kern, experts):
     """Each expert's rows through its weights in blocks: -> (y [R, D], layout, experts).
 
     'blocks' pads each expert to a multiple of smallest_block(block) rows and loops (CPU),
@@ -493,6 +491,7 @@ def dropless_blocks(w, x_td, routing: Routing, n_experts: int, block: int, kind:
     'block_scan' is its FLOP-countable form; 'batched' pads to whole blocks and runs them
     all in one batched matmul (GPU).
     """
+    block, kind = cfg.moe.block_size, kern.grouped_matmul
     unit = block if kind == "batched" else smallest_block(block)
     rows = expert_rows(routing.experts, n_experts, unit)
     n_rows = rows.block_expert.shape[0] * unit
@@ -508,7 +507,7 @@ def dropless_blocks(w, x_td, routing: Routing, n_experts: int, block: int, kind:
             yr = scan_swiglu(xr, rows, block, w["gate_up"], w["down"])
         else:
             stack = experts or StackedExperts.single(w["gate_up"], w["down"])
-            yr, stack = loop_swiglu(xr, rows, block, stack)
+            yr, stack = loop_swiglu(xr, rows, block, stack, kern.recompute_gate_up)
             experts = None if experts is None else stack
     return yr, layout, experts
 
