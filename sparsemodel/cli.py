@@ -6,6 +6,7 @@ Every user error surfaces as one line `sparsemodel: error: ...` and exit status 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("train", "profile"):  # commands that run many steps
         host_heap.keep_freed_heap()  # before JAX starts its threads
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _interrupt_once)
+        signal.signal(signal.SIGINT, _exit_on_interrupt)
     from sparsemodel.checkpoint import CheckpointError
     from sparsemodel.config import ConfigError
     from sparsemodel.data import DataError
@@ -306,19 +307,18 @@ def main(argv: list[str] | None = None) -> int:
         return _exit(1, f"sparsemodel: training stopped: {e}")
     except StorageError as e:
         return _exit(1, f"sparsemodel: error: {e}")
-    except KeyboardInterrupt:
-        # Leave without unwinding: interpreter shutdown while XLA's and Orbax's threads run
-        # printed their tracebacks (and could crash); nothing is half-written here, since
-        # the training loop turns Ctrl-C into a checkpoint and a clean exit itself.
-        print("sparsemodel: interrupted", file=sys.stderr, flush=True)
+
+
+def _exit_on_interrupt(_signum, _frame):
+    """Ctrl-C outside the training loop (which turns it into a checkpoint and a clean exit
+    of its own): one line, then leave at once. Raising KeyboardInterrupt instead could land
+    in a garbage-collection callback that swallows it (and the run went on), and unwinding
+    while XLA's and Orbax's threads run printed their tracebacks. Nothing here is
+    half-written: every file a command writes is written atomically or built aside."""
+    with contextlib.suppress(Exception):  # the main thread may be inside a print
         sys.stdout.flush()
-        os._exit(130)
-
-
-def _interrupt_once(_signum, _frame):
-    """The first Ctrl-C interrupts; later ones are ignored while the command exits."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise KeyboardInterrupt
+    os.write(2, b"sparsemodel: interrupted\n")
+    os._exit(130)
 
 
 def _exit(code: int, message: str) -> int:
