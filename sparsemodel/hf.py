@@ -248,6 +248,10 @@ def refuse_export(cfg: Config) -> None:
             f"layers mixing dense and MoE (every={e.every}, first_dense={e.first_dense})",
         ),
         (e.num_shared > 0, f"moe.num_shared={e.num_shared}: shared experts"),
+        (
+            cfg.is_moe and e.pool == "global",
+            "moe.pool=global: one expert pool shared by all layers",
+        ),
         (e.router != "topk", f"moe.router={e.router}"),
         (e.top_k > 1 and not e.renormalize, f"moe.top_k={e.top_k} without moe.renormalize"),
         # Mixtral renormalises even k=1 (weight 1.0); ours keeps the softmax probability.
