@@ -222,7 +222,7 @@ def test_the_source_must_be_a_dense_workdir_and_the_target_new(tmp_path, capsys)
     (taken / "notes.txt").write_text("mine")
     dense = dense_workdir(tmp_path / "dense")
     cases = [
-        (tmp_path / "nowhere", tmp_path / "new", "--from "),
+        (tmp_path / "nowhere", tmp_path / "new", "nowhere: not a directory"),
         (moe_src, tmp_path / "new", "holds an MoE model (moe.num_experts=4)"),
         (dense, taken, "already holds files (use a new directory)"),
     ]
@@ -234,13 +234,24 @@ def test_the_source_must_be_a_dense_workdir_and_the_target_new(tmp_path, capsys)
     assert not (tmp_path / "new").exists()
 
 
+SHORT = {"train.steps": 2, "train.checkpoint_every": 2, "train.eval_every": 2}
+
+
+@pytest.fixture(scope="module")
+def trained_dense(tmp_path_factory):
+    """A dense tiny workdir trained for two steps (shared by the tests that upcycle it)."""
+    workdir = tmp_path_factory.mktemp("upcycle") / "dense"
+    train.run(config.load("tiny", {**DENSE, **SHORT}), workdir, log=lambda s: None)
+    return workdir
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["copy", "granular"])
-def test_upcycle_command_reports_both_losses_and_the_workdir_trains(tmp_path, capsys, method):
-    short = {"train.steps": 2, "train.checkpoint_every": 2, "train.eval_every": 2}
-    train.run(config.load("tiny", {**DENSE, **short}), tmp_path / "dense", log=lambda s: None)
+def test_upcycle_command_reports_both_losses_and_the_workdir_trains(
+    trained_dense, tmp_path, capsys, method
+):
     extra = ["--set", "moe.d_expert=32"] if method == "granular" else []
-    argv = ["upcycle", "--from", str(tmp_path / "dense"), "--workdir", str(tmp_path / "moe")]
+    argv = ["upcycle", "--from", str(trained_dense), "--workdir", str(tmp_path / "moe")]
     assert cli.main([*argv, "--method", method, "--max-tokens", "2048", *extra]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert "routers N(0, 0.02^2)" in out[0], out
@@ -255,7 +266,7 @@ def test_upcycle_command_reports_both_losses_and_the_workdir_trains(tmp_path, ca
 
     cfg = config.load_stored(tmp_path / "moe" / "config.yaml")
     assert cfg.is_moe and (cfg.moe.top_k == 4) == (method == "granular")
-    result = train.run(cfg.replace(short), tmp_path / "moe", log=lambda s: None)
+    result = train.run(cfg.replace(SHORT), tmp_path / "moe", log=lambda s: None)
     lines = (tmp_path / "moe" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2]  # from step 0, a fresh optimizer
     assert np.isfinite(result.train_loss)
