@@ -20,7 +20,7 @@ from sparsemodel import config, host_heap
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsemodel", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    for add_command in (_add_train, _add_eval, _add_profile, _add_generate, _add_hf):
+    for add_command in (_add_train, _add_eval, _add_profile, _add_generate, _add_hf, _add_upcycle):
         add_command(sub)
     return p
 
@@ -114,6 +114,27 @@ def _add_hf(sub) -> None:
     x.add_argument("out", help="output directory (config.json, *.safetensors)")
     x.add_argument("--workdir", required=True)
     x.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+
+
+def _add_upcycle(sub) -> None:
+    u = sub.add_parser("upcycle", help="an MoE workdir (step 0) from a dense workdir's checkpoint")
+    u.add_argument("--from", dest="src", required=True, metavar="DENSE_WORKDIR")
+    u.add_argument("--workdir", required=True, help="the new workdir (must not exist yet)")
+    u.add_argument(
+        "--method",
+        choices=["copy", "granular", "drop"],
+        default="copy",
+        help="copy: every expert is the dense MLP; granular: experts are slices of it "
+        "(--set moe.d_expert=...); drop: copy, then re-draw a fraction of each expert's units",
+    )
+    u.add_argument(
+        "--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE"
+    )
+    u.add_argument("--drop", type=float, help="drop: fraction of units re-drawn (default 0.5)")
+    u.add_argument("--router-std", type=float, help="routers' init std (default model.init_std)")
+    u.add_argument("--seed", type=int, help="of the routers and re-drawn units (train.seed)")
+    u.add_argument("--step", type=int, help="the dense checkpoint's step (default: newest)")
+    u.add_argument("--max-tokens", type=int, default=65_536, help="eval tokens per model; 0 = all")
 
 
 def _init_distributed(args) -> None:
@@ -280,6 +301,42 @@ def _export_hf(args) -> int:
     return 0
 
 
+def _upcycle(args) -> int:
+    from sparsemodel import upcycle
+
+    if args.max_tokens < 0:
+        raise _UsageError(f"--max-tokens: must be >= 0 (0 = all), got {args.max_tokens}")
+    u = upcycle.upcycle(
+        args.src,
+        args.workdir,
+        args.method,
+        config.parse_overrides(args.overrides),
+        drop=args.drop,
+        router_std=args.router_std,
+        seed=args.seed,
+        step=args.step,
+        max_tokens=args.max_tokens or None,
+    )
+    e, recipe = u.cfg.moe, u.recipe
+    how = {
+        "copy": "every expert the dense MLP",
+        "granular": f"{upcycle.slices(u.cfg)} slices of the dense MLP, "
+        f"{e.num_experts // upcycle.slices(u.cfg)} copies each",
+        "drop": f"the dense MLP with {recipe.drop:.0%} of its units re-drawn per expert",
+    }[recipe.method]
+    print(
+        f"upcycled {args.src} (step {u.dense_step}) by {recipe.method} into {args.workdir} "
+        f"(checkpoint step 0): {e.num_experts} experts of width {e.d_expert}, top-{e.top_k}, "
+        f"{how}; routers N(0, {recipe.router_std:g}^2), seed {recipe.seed}"
+    )
+    d, m = u.dense, u.upcycled
+    print(
+        f"step-0 eval loss on {d.source}, {d.tokens:,} tokens: dense {d.loss:.4f}, "
+        f"upcycled {m.loss:.4f} (difference {m.loss - d.loss:+.2e})"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("train", "profile"):  # commands that run many steps
@@ -300,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             "profile": _profile,
             "import-hf": _import_hf,
             "export-hf": _export_hf,
+            "upcycle": _upcycle,
         }[args.command](args)
     except (ConfigError, DataError, CheckpointError, _UsageError) as e:
         return _exit(2, f"sparsemodel: error: {e}")

@@ -107,6 +107,9 @@ class MoEConfig:
     top_k: int = 2
     d_expert: int = 512  # width of each routed expert (and of each shared expert)
     num_shared: int = 0  # always-on shared experts, fused into one MLP of num_shared*d_expert
+    # "layer": each MoE layer owns its experts; "global": one pool of num_experts experts that
+    # every MoE layer routes into with its own router (more experts at the same FLOPs).
+    pool: Literal["layer", "global"] = "layer"
     every: int = 1  # every n-th layer (after first_dense) is an MoE layer
     first_dense: int = 0  # the first k layers are dense
     router: Literal["topk", "expert_choice"] = "topk"
@@ -592,6 +595,7 @@ SHAPE_FIELDS = (
     "moe.num_experts",
     "moe.d_expert",
     "moe.num_shared",
+    "moe.pool",
     "moe.every",
     "moe.first_dense",
     "data.tokenizer",  # not a shape, but the ids would mean other text

@@ -41,12 +41,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import struct
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -57,6 +56,7 @@ import numpy as np
 
 from sparsemodel import config as config_lib
 from sparsemodel.config import Config, ConfigError
+from sparsemodel.workdir import built_beside, refuse_existing
 
 # model_types close to Mixtral that we refuse, and exactly what of theirs our model lacks.
 NOT_MAPPABLE = {
@@ -248,6 +248,10 @@ def refuse_export(cfg: Config) -> None:
             f"layers mixing dense and MoE (every={e.every}, first_dense={e.first_dense})",
         ),
         (e.num_shared > 0, f"moe.num_shared={e.num_shared}: shared experts"),
+        (
+            cfg.is_moe and e.pool == "global",
+            "moe.pool=global: one expert pool shared by all layers",
+        ),
         (e.router != "topk", f"moe.router={e.router}"),
         (e.top_k > 1 and not e.renormalize, f"moe.top_k={e.top_k} without moe.renormalize"),
         # Mixtral renormalises even k=1 (weight 1.0); ours keeps the softmax probability.
@@ -460,11 +464,11 @@ def import_hf(src: str | Path, workdir: str | Path, log=print) -> Config:
     tokenizer = src / "tokenizer.json"
     if tokenizer.is_file():
         cfg = cfg.replace({"data.tokenizer": "bpe"})  # train/eval/generate read the copy below
-    _refuse_existing(workdir, f"--workdir {workdir}")
+    refuse_existing(workdir, f"--workdir {workdir}")
     with ExitStack() as stack:
         reader = SafetensorsDir(src, stack)
         _check_tensors(cfg, reader)
-        with _built_beside(workdir, f"--workdir {workdir}") as build:
+        with built_beside(workdir, f"--workdir {workdir}") as build:
             if tokenizer.is_file():
                 shutil.copyfile(tokenizer, build / "tokenizer.json")
             (build / "hf_config.json").write_text(json.dumps(hf_cfg, indent=2))  # for export-hf
@@ -477,37 +481,6 @@ def import_hf(src: str | Path, workdir: str | Path, log=print) -> Config:
             shutil.rmtree(memmaps)
             config_lib.dump(cfg, build / "config.yaml")
     return cfg
-
-
-def _refuse_existing(path: Path, what: str) -> None:
-    """ConfigError unless path is absent or an empty directory: nothing is overwritten."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{what}: exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()):
-        held = "checkpoints" if (path / "checkpoints").exists() else "files"
-        raise ConfigError(f"{what}: already holds {held} (use a new directory)")
-
-
-@contextmanager
-def _built_beside(dest: Path, what: str) -> Iterator[Path]:
-    """A new directory under a temporary name beside dest, renamed to dest when the block
-    succeeds and removed when it fails, so dest never holds a half-written result."""
-    build = dest.absolute().parent / f".{dest.absolute().name}.partial-{os.getpid()}"
-    try:
-        build.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(build, ignore_errors=True)  # left by a killed run of this same pid
-        build.mkdir()
-    except OSError as e:
-        raise ConfigError(f"{what}: not writable ({e.strerror})") from None
-    try:
-        yield build
-        try:
-            build.rename(dest)  # atomic; replaces an empty directory, never a non-empty one
-        except OSError as e:
-            raise ConfigError(f"{what}: cannot put the result in place ({e.strerror})") from None
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
 
 
 def _assemble(cfg: Config, reader: SafetensorsDir, memmaps: Path, log):
@@ -568,7 +541,7 @@ def export_hf(
     cfg = config_lib.load_stored(workdir / "config.yaml")
     source = workdir / "hf_config.json"
     hf_cfg = config_to_hf(cfg, _read_json_object(source) if source.is_file() else None)
-    _refuse_existing(out, f"output {out}")
+    refuse_existing(out, f"output {out}")
     ckpt = Checkpointer(workdir, async_save=False)
     step = ckpt.latest_step() if step is None else step
     if step is None:
@@ -580,7 +553,7 @@ def export_hf(
     shapes = {s.hf: _hf_shape(s.hf, cfg) for s in todo}
     shards = list(_split(todo, shapes, max_shard_bytes))
     names = _shard_names(len(shards))
-    with _built_beside(out, f"output {out}") as build:
+    with built_beside(out, f"output {out}") as build:
         try:
             for name, shard in zip(names, shards, strict=True):
                 tensors = [(s.hf, shapes[s.hf], lambda s=s: fetch(s)) for s in shard]

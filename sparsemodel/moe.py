@@ -133,40 +133,81 @@ def counts_per_sequence(cfg: Config) -> bool:
     )
 
 
+def _init_std(cfg: Config) -> tuple[float, float]:
+    """(std of the input projections, std of the output projections)."""
+    m = cfg.model
+    return m.init_std, m.init_std / (2 * m.n_layers) ** 0.5
+
+
+def expert_params(cfg: Config, rngs: nnx.Rngs) -> tuple[nnx.Param, nnx.Param]:
+    """The routed experts' w_gate_up [E, D, 2, F] and w_down [E, F, D]."""
+    std, out_std = _init_std(cfg)
+    n, d, f = cfg.moe.num_experts, cfg.model.d_model, cfg.moe.d_expert
+    return (
+        param(rngs, (n, d, 2, f), AXES["gate_up"], std),
+        param(rngs, (n, f, d), AXES["down"], out_std),
+    )
+
+
+class ExpertPool(nnx.Module):
+    """moe.pool=global: the routed experts that every MoE layer routes into, held once by
+    the Transformer (each layer keeps its own router) and handed to each layer's call."""
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        self.w_gate_up, self.w_down = expert_params(cfg, rngs)
+
+    def weights(self) -> dict[str, jax.Array]:
+        return {"gate_up": self.w_gate_up[...], "down": self.w_down[...]}
+
+
 class MoE(nnx.Module):
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         m, moe_cfg = cfg.model, cfg.moe
         self.cfg = cfg
-        std, out_std = m.init_std, m.init_std / (2 * m.n_layers) ** 0.5
-        n, d, f = moe_cfg.num_experts, m.d_model, moe_cfg.d_expert
+        std, out_std = _init_std(cfg)
+        n, d = moe_cfg.num_experts, m.d_model
         fs = moe_cfg.num_shared * moe_cfg.d_expert
         self.w_router = param(rngs, (d, n), AXES["router"], std)
-        self.w_gate_up = param(rngs, (n, d, 2, f), AXES["gate_up"], std)
-        self.w_down = param(rngs, (n, f, d), AXES["down"], out_std)
+        if moe_cfg.pool == "layer":  # else the Transformer's ExpertPool holds them
+            self.w_gate_up, self.w_down = expert_params(cfg, rngs)
         if fs:  # shared experts: one always-on SwiGLU of width num_shared * d_expert
             self.w_shared_gate = param(rngs, (d, fs), AXES["shared_gate"], std)
             self.w_shared_up = param(rngs, (d, fs), AXES["shared_up"], std)
             self.w_shared_down = param(rngs, (fs, d), AXES["shared_down"], out_std)
 
     def weights(self) -> dict[str, jax.Array]:
-        names = ["router", "gate_up", "down"]
+        names = ["router"]
+        if self.cfg.moe.pool == "layer":
+            names += ["gate_up", "down"]
         if self.cfg.moe.num_shared:
             names += ["shared_gate", "shared_up", "shared_down"]
         return {n: getattr(self, f"w_{n}")[...] for n in names}
 
     def __call__(
-        self, x_td, mask_t=None, key=None, *, seq_len=None, expert_counts=None, experts=None
+        self,
+        x_td,
+        mask_t=None,
+        key=None,
+        *,
+        seq_len=None,
+        expert_counts=None,
+        experts=None,
+        pool=None,
     ) -> MoEOut:
         """x_td [T, D] (compute dtype): N = T / seq_len sequences of seq_len tokens one after
         another (seq_len None: one sequence); mask_t [T] bool or None; key: jitter PRNG key or
         None; expert_counts [N, E] int32: the assignments each sequence's experts kept in
         earlier calls (cached decoding, see `counts_per_sequence`) or None; experts: the
-        layer scan's StackedExperts, to read this layer's expert weights from, or None.
+        layer scan's StackedExperts, to read this layer's expert weights from, or None;
+        pool: with moe.pool=global, the pool's weights {"gate_up", "down"} (ExpertPool),
+        which this layer routes into; None with moe.pool=layer.
         """
+        if (pool is None) != (self.cfg.moe.pool == "layer"):
+            raise ValueError("moe.pool=global layers, and only they, take the pool's weights")
         if mask_t is None:
             mask_t = jnp.ones(x_td.shape[:1], bool)
         seq_len = x_td.shape[0] if seq_len is None else seq_len
-        w = self.weights()
+        w = {**self.weights(), **(pool or {})}
         mesh = jax.sharding.get_abstract_mesh()
         fn = partial(moe_forward, self.cfg, kernels.choose(self.cfg), seq_len=seq_len)
         if mesh.empty or mesh.size == 1:

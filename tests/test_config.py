@@ -143,6 +143,7 @@ BAD_INPUTS = [
     ({"moe.dispatch": "dense"}, "moe.dispatch", "is not one of dropless, capacity"),
     ({"train.dtype": "float16"}, "train.dtype", "is not one of float32, bfloat16"),
     ({"train.remat": "some"}, "train.remat", "is not one of none, full, dots"),
+    ({"moe.pool": "shared"}, "moe.pool", "is not one of layer, global"),
     # -- sizes
     ({"model.d_model": 0}, "model.d_model", "must be positive"),
     ({"model.n_layers": -1}, "model.n_layers", "must be positive"),
@@ -537,6 +538,7 @@ def test_cli_resumes_a_workdir_without_capacity_group_with_batch(tmp_path, monke
         ({"moe.num_experts": 8}, "moe.num_experts=8 (checkpoint: 4)"),
         ({"model.d_model": 128}, "model.d_model=128 (checkpoint: 64)"),
         ({"model.tie_embeddings": True}, "model.tie_embeddings=True (checkpoint: False)"),
+        ({"moe.pool": "global"}, "moe.pool=global (checkpoint: layer)"),
         (
             {"moe.d_expert": 32, "model.vocab_size": 300},
             "model.vocab_size=300 (checkpoint: 256), moe.d_expert=32 (checkpoint: 64)",

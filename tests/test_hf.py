@@ -406,6 +406,7 @@ def test_export_writes_shared_layers_once_per_layer_and_shards(tmp_path):
         ({"model.n_layers": 4, "moe.every": 2}, "layers mixing dense and MoE"),
         ({"moe.first_dense": 1, "model.n_layers": 3}, "layers mixing dense and MoE"),
         ({"moe.num_shared": 1}, "shared experts"),
+        ({"moe.pool": "global"}, "moe.pool=global: one expert pool shared by all layers"),
         ({"moe.router": "expert_choice"}, "moe.router=expert_choice"),
         ({"moe.renormalize": False}, "moe.top_k=2 without moe.renormalize"),
         ({"moe.top_k": 1}, "moe.top_k=1"),

@@ -63,6 +63,17 @@ ROUTING = {
     # Picks among the tokens of an expert group: those of one device only when mesh.expert
     # covers every batch shard (data = fsdp = 1), as on its mesh below.
     "expert_choice": {"moe.router": "expert_choice"},
+    # One pool of 8 experts that both layers route into (moe.pool=global), sharded over
+    # `expert` like a layer's own; with capacity, and its layers shared (two passes).
+    "pool": {"moe.pool": "global", "moe.num_experts": 8},
+    "pool_capacity_shared": {
+        "moe.pool": "global",
+        "moe.num_experts": 8,
+        "moe.dispatch": "capacity",
+        "moe.capacity_factor": 1.0,
+        "model.n_layers": 4,
+        "model.share_layers": 2,
+    },
 }
 
 MESHES = {  # name: (routing, mesh)
@@ -86,13 +97,19 @@ MESHES = {  # name: (routing, mesh)
         "expert_choice",
         {"mesh.data": 1, "mesh.expert": 4, "mesh.tensor": 2},
     ),
+    "pool_data2_expert4": ("pool", {"mesh.data": 2, "mesh.expert": 4}),
+    "pool_capacity_shared_fsdp2_expert2_tensor2": (
+        "pool_capacity_shared",
+        {"mesh.data": 1, "mesh.fsdp": 2, "mesh.expert": 2, "mesh.tensor": 2},
+    ),
 }
 
 
 @pytest.mark.slow
 def test_same_losses_on_every_mesh_and_experts_are_split(tmp_path):
     """Dropless and capacity-per-sequence training give the single-device losses on any
-    mesh; expert choice does where mesh.expert covers all batch shards (its mesh here)."""
+    mesh, with each layer's experts or one pool for all; expert choice does where
+    mesh.expert covers all batch shards (its mesh here)."""
     single = worker("train_meshes", 1, workdir=str(tmp_path / "single"), meshes=ROUTING)
     meshes = {name: {**ROUTING[routing], **mesh} for name, (routing, mesh) in MESHES.items()}
     multi = worker("train_meshes", 8, workdir=str(tmp_path), meshes=meshes)
