@@ -618,6 +618,8 @@ def main(argv=None) -> int:
             f"{'would train' if args.dry_run else 'train'} {run.name} ({state}): "
             f"{run.steps} steps, ~{est:.1f} min (cumulative ~{total:.0f} min)"
         )
+    if not todo:
+        print("nothing to train: every chosen run is done or waits for a merge")
     if args.dry_run:
         return 0
     t0 = time.perf_counter()
