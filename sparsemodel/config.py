@@ -133,6 +133,7 @@ class MoEConfig:
     # Load-balance loss over the micro-batch's assignments ("batch") or per sequence,
     # averaged over sequences ("sequence", DeepSeek-V3's sequence-wise balance loss).
     lb_scope: Literal["batch", "sequence"] = "batch"
+    health_intervals: int = 5  # warn after this many log intervals with dead/flooded experts
     jitter: float = 0.0  # multiplicative router-input noise U(1-eps, 1+eps) in training
     lb_coef: float = 0.01
     z_coef: float = 1e-3
@@ -500,7 +501,7 @@ def _check_moe(e: MoEConfig, m: ModelConfig) -> None:
 
 
 def _check_routing(e: MoEConfig) -> None:
-    """Token choice's routing options (DeepSeek-V3's): groups, bias, scaling."""
+    """Token choice's routing options (DeepSeek-V3's): groups, bias, scaling, health."""
     n, g = e.num_experts, e.groups
     _need(g >= 1, "moe.groups", f"must be >= 1, got {g}")
     _need(n % g == 0, "moe.groups", f"{g} does not divide moe.num_experts={n}")
@@ -517,6 +518,11 @@ def _check_routing(e: MoEConfig) -> None:
     )
     _need(e.bias_rate >= 0, "moe.bias_rate", f"must be >= 0 (0 = no bias), got {e.bias_rate}")
     _need(e.route_scale > 0, "moe.route_scale", f"must be positive, got {e.route_scale}")
+    _need(
+        e.health_intervals >= 1,
+        "moe.health_intervals",
+        f"must be >= 1, got {e.health_intervals}",
+    )
     if e.router == "expert_choice":  # experts pick tokens: no per-token choice to shape
         for key, is_set in (
             ("moe.score", e.score != "softmax"),

@@ -4,7 +4,9 @@
 
 Scalars: train/* (losses, lr, grad and parameter norms, tokens/s, MFU, ...) and, for MoE
 models, experts/layer<i>/load_e<j> (load x E, 1 = balanced), experts/layer<i>/dropped, the
-router bias experts/layer<i>/bias_e<j> (moe.bias_rate > 0; i counts the unique MoE layers).
+router bias experts/layer<i>/bias_e<j> (moe.bias_rate > 0; i counts the unique MoE layers)
+and, at the end of each log interval, experts/layer<i>/dead and experts/layer<i>/overloaded
+(health.py).
 
 Events are written and flushed on the training thread, once per step. tensorboardX's
 SummaryWriter writes from a background thread instead: when the disk filled up, that thread
@@ -27,7 +29,11 @@ from tensorboardX.summary import scalar
 from sparsemodel.files import storage_error
 
 # Record keys holding one value per MoE layer, or one per layer and expert: their tags.
-PER_LAYER = {"layer_dropped": "dropped"}
+PER_LAYER = {
+    "layer_dropped": "dropped",
+    "dead_experts": "dead",
+    "overloaded_experts": "overloaded",
+}
 PER_EXPERT = {"load": "load_e", "router_bias": "bias_e"}
 
 

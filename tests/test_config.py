@@ -243,6 +243,7 @@ ROUTING_BAD_INPUTS = [
     ),
     ({"moe.bias_rate": -0.001}, "moe.bias_rate", "must be >= 0 (0 = no bias)"),
     ({"moe.route_scale": 0}, "moe.route_scale", "must be positive"),
+    ({"moe.health_intervals": 0}, "moe.health_intervals", "must be >= 1"),
     *[
         ({"moe.router": "expert_choice", key: value}, key, "moe.router=topk only")
         for key, value in (
@@ -283,12 +284,18 @@ def test_routing_options_from_the_command_line():
                 "moe.bias_rate=1e-3",
                 "moe.route_scale=2.5",
                 "moe.lb_scope=sequence",
+                "moe.health_intervals=3",
             ]
         ),
     )
     e = cfg.moe
     assert (e.score, e.groups, e.topk_groups, e.top_k) == ("sigmoid", 4, 2, 4)
-    assert (e.bias_rate, e.route_scale, e.lb_scope) == (1e-3, 2.5, "sequence")
+    assert (e.bias_rate, e.route_scale, e.lb_scope, e.health_intervals) == (
+        1e-3,
+        2.5,
+        "sequence",
+        3,
+    )
 
 
 def test_a_config_written_before_the_routing_options_routes_as_it_did(tmp_path):

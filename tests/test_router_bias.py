@@ -1,6 +1,6 @@
 """DeepSeek-V3 routing trained end to end on the tiny preset: the balancing bias moves by
 the step's loads, is logged, checkpointed, resumed exactly and restored by eval and
-generate.
+generate; a collapsed router is reported by the routing health check.
 
 Each test trains (tens of seconds on two cores): all are marked slow.
 """
@@ -68,13 +68,19 @@ def test_bias_follows_the_load_every_step(trained):
         np.testing.assert_array_equal(bias, previous + step, err_msg=f"step {r['step']}")
         previous = bias
     assert np.abs(previous).max() > 0
+    # The health counts come at the end of each log interval (train.log_every = 2).
+    assert [("dead_experts" in r, "overloaded_experts" in r) for r in lines] == [
+        (s % 2 == 0, s % 2 == 0) for s in range(1, 7)
+    ]
 
-    # TensorBoard: the bias of every layer and expert.
+    # TensorBoard: the bias of every layer and expert, and the health counts.
     events = read_scalars(trained)
     for i in range(2):
         for j in range(8):
             bias_tb = events[f"experts/layer{i}/bias_e{j}"]
             assert bias_tb == pytest.approx({r["step"]: r["router_bias"][i][j] for r in lines})
+        assert set(events[f"experts/layer{i}/dead"]) == {2, 4, 6}
+        assert set(events[f"experts/layer{i}/overloaded"]) == {2, 4, 6}
 
 
 def test_resumed_run_continues_exactly_with_the_bias(trained, tmp_path):
@@ -115,3 +121,31 @@ def test_resume_refuses_to_drop_or_add_the_bias(trained, tmp_path):
     without = config.load("tiny", {**DEEPSEEK, "moe.bias_rate": 0.0})
     with pytest.raises(ConfigError, match="holds a router bias: it was trained with moe.bias"):
         train.run(without, workdir, log=lambda s: None)
+
+
+def test_a_collapsed_router_is_reported(tmp_path, capsys):
+    # One byte repeated: every position holds the same vector, so every token makes the same
+    # choice and one expert takes all the load (4x balanced) while the other three starve.
+    text = tmp_path / "a.txt"
+    text.write_text("a" * 20_000)
+    cfg = config.load(
+        "tiny",
+        {
+            "data.source": str(text),
+            "moe.top_k": 1,
+            "moe.health_intervals": 2,
+            "train.steps": 4,
+            "train.log_every": 1,
+            "train.eval_every": 1000,
+            "train.checkpoint_every": 1000,
+        },
+    )
+    train.run(cfg, tmp_path / "w", log=lambda s: None)
+    lines = records(tmp_path / "w")
+    assert [r["dead_experts"] for r in lines] == [[3, 3]] * 4
+    assert [r["overloaded_experts"] for r in lines] == [[1, 1]] * 4
+    warnings = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
+    assert [w.split(":")[1].strip() for w in warnings] == ["step 2", "step 4"]
+    assert (
+        "layer 0: 3 dead, 1 overloaded (2 intervals); layer 1: 3 dead, 1 overloaded" in warnings[0]
+    )

@@ -1,7 +1,7 @@
 """Token-choice routing options (DeepSeek-V3's) against float64 NumPy references: sigmoid
 scores, group-limited choice, the balancing bias (choice only, never the weights), the
-routed scaling factor, the sequence-wise balance loss and the bias update. The layer
-helpers and the dense reference come from test_moe.
+routed scaling factor, the sequence-wise balance loss and the bias update; and the routing
+health counts. The layer helpers and the dense reference come from test_moe.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from flax import nnx
 from test_moe import TOL, _dense_jax_reference, _f64, apply, dense_weights, make_layer, tokens
 from test_moe import ref_output as ref_combined
 
-from sparsemodel import checkpoint, config, initialize, moe, optim, sharding
+from sparsemodel import checkpoint, config, health, initialize, moe, optim, sharding
 from sparsemodel.flops import param_counts
 
 BLOCKS_8 = {"num_experts": 8, "grouped_matmul": "blocks", "block_size": 7}
@@ -242,3 +242,32 @@ def test_balanced_bias_moves_against_the_load():
     )  # mean [0.25, 0.4, 0.05, 0.3]: balanced, over, under, over
     got = moe.balanced_bias(bias, load, 0.1)
     np.testing.assert_allclose(np.asarray(got), [[0.0, 0.4, -0.4, -0.1]], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------- health
+
+
+def test_unbalanced_experts_counted_against_the_balanced_load():
+    load = np.array([[0.02, 0.18, 0.4, 0.4], [0.9, 0.1, 0.0, 0.0], [0.25] * 4])
+    dead, overloaded = health.unbalanced_experts(load)  # balanced: 0.25 each
+    np.testing.assert_array_equal(dead, [1, 2, 0])  # < 0.025
+    np.testing.assert_array_equal(overloaded, [0, 1, 0])  # > 0.75
+
+
+def test_health_warns_after_the_given_intervals_in_a_row():
+    watch = health.RoutingHealth(every=2, patience=3)
+    sick = np.array([[1.0, 0.0, 0.0, 0.0], [0.25] * 4])  # layer 0: 1 flooded, 3 dead
+    well = np.full((2, 4), 0.25)
+    seen = []
+    for step, load in enumerate([sick, well] + [sick] * 12, start=1):
+        counts, warning = watch.add(step, load)
+        assert bool(counts) == (step % 2 == 0), step  # counts at the end of each interval
+        seen.append((step, counts, warning))
+    # interval 1 (steps 1-2) averages sick and well: 2.5 and 0.5 times balanced, no one out
+    assert seen[1][1] == {"dead_experts": [0, 0], "overloaded_experts": [0, 0]}
+    assert seen[3][1] == {"dead_experts": [3, 0], "overloaded_experts": [1, 0]}
+    warned = [step for step, _, warning in seen if warning]
+    assert warned == [8, 14]  # unbalanced intervals 2-4 (steps 3-8), then 5-7 (9-14)
+    assert "\n" not in seen[7][2] and "layer 0: 3 dead, 1 overloaded (3 intervals)" in seen[7][2]
+    assert "layer 1" not in seen[7][2]
+    assert "layer 0: 3 dead, 1 overloaded (6 intervals)" in seen[13][2]
