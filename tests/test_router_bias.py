@@ -17,7 +17,8 @@ import pytest
 from flax import nnx
 from test_train import read_scalars
 
-from sparsemodel import cli, config, evaluate, train
+from sparsemodel import cli, config, evaluate, initialize, sharding, train
+from sparsemodel.checkpoint import Checkpointer
 from sparsemodel.config import ConfigError
 
 pytestmark = pytest.mark.slow
@@ -121,6 +122,16 @@ def test_resume_refuses_to_drop_or_add_the_bias(trained, tmp_path):
     without = config.load("tiny", {**DEEPSEEK, "moe.bias_rate": 0.0})
     with pytest.raises(ConfigError, match="holds a router bias: it was trained with moe.bias"):
         train.run(without, workdir, log=lambda s: None)
+
+    # A step 0 of the model without the bias, then the config with it.
+    unbiased = tmp_path / "unbiased"
+    unbiased.mkdir()
+    _, state = initialize.init_params(without, sharding.make_mesh(without.mesh), 0)
+    ckpt = Checkpointer(unbiased, async_save=False)
+    ckpt.save(0, state, None, {"step": 0, "model": config.model_record(without)})
+    ckpt.close()
+    with pytest.raises(ConfigError, match="holds no router bias: it was trained with moe.bias"):
+        train.run(config.load("tiny", DEEPSEEK), unbiased, log=lambda s: None)
 
 
 def test_a_collapsed_router_is_reported(tmp_path, capsys):
