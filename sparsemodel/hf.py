@@ -256,6 +256,9 @@ def refuse_export(cfg: Config) -> None:
         (e.top_k > 1 and not e.renormalize, f"moe.top_k={e.top_k} without moe.renormalize"),
         # Mixtral renormalises even k=1 (weight 1.0); ours keeps the softmax probability.
         (e.top_k == 1, "moe.top_k=1 (weighted by the softmax probability, Switch style)"),
+        (e.score != "softmax", f"moe.score={e.score}"),
+        (e.groups > 1, f"moe.groups={e.groups} (group-limited routing)"),
+        (e.route_scale != 1, f"moe.route_scale={e.route_scale}"),
     ]
     for bad, reason in reasons:
         if bad:
@@ -547,6 +550,7 @@ def export_hf(
     if step is None:
         raise CheckpointError(f"--workdir {workdir}: holds no checkpoint yet")
     _check_checkpoint_holds(ckpt, step, cfg)
+    _refuse_router_bias(ckpt, step, cfg)
 
     todo = sorted(slots(cfg), key=lambda s: tuple(map(str, s.leaf)))  # a leaf's slots together
     fetch = _one_leaf_at_a_time(ckpt, step)
@@ -610,6 +614,26 @@ def _check_checkpoint_holds(ckpt, step: int, cfg: Config) -> None:
 
     _, target = abstract_params(cfg, sharding.make_mesh(config_lib.MeshConfig()))
     ckpt.check_model(step, ckpt.meta(step), target, cfg)
+
+
+def _refuse_router_bias(ckpt, step: int, cfg: Config) -> None:
+    """ConfigError when the checkpoint's router bias (moe.bias_rate) is not zero: it changes
+    which experts run, and Mixtral's router has none."""
+    if cfg.moe.bias_rate == 0:
+        return
+    from flax import nnx
+
+    from sparsemodel import sharding
+    from sparsemodel.initialize import abstract_params
+    from sparsemodel.moe import RouterBias
+
+    _, target = abstract_params(cfg, sharding.make_mesh(config_lib.MeshConfig()))
+    for path, _ in nnx.to_flat_state(nnx.filter_state(target, RouterBias)):
+        if np.any(ckpt.restore_leaf(step, path)):
+            raise ConfigError(
+                f"export-hf: Mixtral cannot express the router bias of moe.bias_rate "
+                f"(non-zero in checkpoint step {step})"
+            )
 
 
 def _hf_shape(name: str, cfg: Config) -> tuple[int, ...]:

@@ -1,6 +1,6 @@
 """Mixture-of-Experts layer: float32 router, index-based dispatch, SwiGLU experts.
 
-    route    x[T, D] -> probabilities p[T, E], choices e[T, k], weights w[T, k]   (float32)
+    route    x[T, D] -> scores s[T, E], choices e[T, k], weights w[T, k]         (float32)
     dispatch (token, choice) assignments -> rows of an expert-major buffer      (by index)
     experts  SwiGLU on each expert's rows                                       (stacked weights)
     combine  y[t] = sum_j w[t, j] * expert_out[row of (t, j)]                   (by index)
@@ -28,6 +28,15 @@ Dispatch strategies (`moe.dispatch`), same maths:
             on GPU all blocks of `block_size` rows run as one batched matmul ('batched').
             'tokamax' (an optional extra) runs tokamax's ragged_dot: Pallas kernels on
             GPU/TPU, XLA's ragged_dot on CPU.
+Routing (token choice). Scores are the softmax over the experts or, with `moe.score=sigmoid`,
+one sigmoid affinity per expert (DeepSeek-V3). A token takes the top-k experts by score, within
+its best `moe.topk_groups` of `moe.groups` expert groups (group-limited routing: groups ranked
+by the sum of their top-2 scores). Its combine weights are the chosen scores, renormalised over
+the k (`moe.renormalize`, k > 1: at k = 1 the raw score, so the router gets gradient), times
+`moe.route_scale`. Auxiliary-loss-free balancing (`moe.bias_rate` > 0): a per-expert bias,
+non-trainable state of the layer (`RouterBias`), is added to the scores for the choice only,
+and the train step moves it by bias_rate * sign(mean load - load) (`balanced_bias`).
+
 Expert choice (`moe.router = "expert_choice"`): each expert picks its top-C tokens of the
 group. It looks at the whole group at once, so it is NOT causal: a token's output can
 depend on later tokens. Use it for encoders or experiments, not for generation.
@@ -73,6 +82,7 @@ from sparsemodel.layers import param, swiglu
 # Logical axes of the layer's weights: used to create them and to shard_map over them.
 AXES = {
     "router": ("embed", None),
+    "router_bias": (None,),  # tiny, and every device routes its own tokens: replicated
     # gate then up on a middle axis of 2, so one unit's gate and up columns share a
     # `tensor` shard and run as one [D, 2F] matmul
     "gate_up": ("exp", "embed", None, "mlp"),
@@ -81,6 +91,11 @@ AXES = {
     "shared_up": ("embed", "mlp"),
     "shared_down": ("mlp", "embed"),
 }
+
+
+class RouterBias(nnx.Variable):
+    """The per-expert bias of auxiliary-loss-free balancing [E] (float32): model state, not a
+    parameter, so the optimizer, its weight decay and the gradient never see it."""
 
 
 class MoEStats(NamedTuple):
@@ -120,6 +135,9 @@ class Served(NamedTuple):
     load: jax.Array  # [E] float32 assignments routed to each expert
     dropped: jax.Array  # [] assignments (tokens, expert choice) that no expert served
     assigned: jax.Array  # [] assignments (tokens, expert choice) made
+    # [N, E] float32 assignments routed to each expert in each of this device's sequences
+    # (moe.lb_scope=sequence), else None
+    seq_load: jax.Array | None = None
 
 
 def counts_per_sequence(cfg: Config) -> bool:
@@ -168,6 +186,11 @@ class MoE(nnx.Module):
         n, d = moe_cfg.num_experts, m.d_model
         fs = moe_cfg.num_shared * moe_cfg.d_expert
         self.w_router = param(rngs, (d, n), AXES["router"], std)
+        if moe_cfg.bias_rate > 0:
+            zeros = jnp.zeros((n,), jnp.float32)
+            self.router_bias = RouterBias(
+                zeros, out_sharding=AXES["router_bias"], eager_sharding=False
+            )
         if moe_cfg.pool == "layer":  # else the Transformer's ExpertPool holds them
             self.w_gate_up, self.w_down = expert_params(cfg, rngs)
         if fs:  # shared experts: one always-on SwiGLU of width num_shared * d_expert
@@ -181,7 +204,10 @@ class MoE(nnx.Module):
             names += ["gate_up", "down"]
         if self.cfg.moe.num_shared:
             names += ["shared_gate", "shared_up", "shared_down"]
-        return {n: getattr(self, f"w_{n}")[...] for n in names}
+        w = {n: getattr(self, f"w_{n}")[...] for n in names}
+        if self.cfg.moe.bias_rate > 0:
+            w["router_bias"] = self.router_bias[...]
+        return w
 
     def __call__(
         self,
@@ -332,30 +358,39 @@ def moe_forward(
     MoE.__call__ for the arguments)."""
     w = {n: coll.gather_weight(n, v) for n, v in w.items()}
     with jax.named_scope("router"):
-        logits, probs = route(cfg, w["router"], x_td, coll.device_key(key))  # [T, E] f32
+        logits, scores = route(cfg, w["router"], x_td, coll.device_key(key))  # [T, E] f32
     if cfg.moe.router == "expert_choice":
-        served = expert_choice_layer(cfg, coll, w, x_td, probs, mask_t)
+        served = expert_choice_layer(cfg, coll, w, x_td, scores, mask_t)
     else:
         served, expert_counts, experts = token_choice_layer(
-            cfg, kern, coll, w, x_td, probs, mask_t, seq_len, expert_counts, experts
+            cfg, kern, coll, w, x_td, scores, mask_t, seq_len, expert_counts, experts
         )
     y = coll.sum_tensor("gate_up", served.y)
     if "shared_gate" in w:
         y_shared = swiglu(x_td, w["shared_gate"], w["shared_up"], w["shared_down"])
         y = y + coll.sum_tensor("shared_gate", y_shared)
-    stats = router_stats(logits, probs, mask_t, served, reduce=coll.sum_batch)
+    stats = router_stats(logits, probabilities(cfg, scores), mask_t, served, coll.sum_batch)
     return MoEOut(y.astype(x_td.dtype), stats, expert_counts, experts)
 
 
 def token_choice_layer(
-    cfg: Config, kern, coll: Collectives, w, x_td, probs, mask_t, seq_len, expert_counts, experts
+    cfg: Config, kern, coll: Collectives, w, x_td, scores, mask_t, seq_len, expert_counts, experts
 ):
     """Top-k routing of this device's tokens, run by the expert group's devices, each on its
     own experts: -> (Served, expert_counts, experts)."""
     moe_cfg = cfg.moe
     n_local = w["gate_up"].shape[0]  # experts held here: E / mesh.expert
     offset = coll.expert_offset(n_local)
-    routing = top_k_routing(probs, mask_t, moe_cfg.top_k, moe_cfg.renormalize)
+    routing = top_k_routing(
+        scores,
+        mask_t,
+        moe_cfg.top_k,
+        moe_cfg.renormalize,
+        bias=w.get("router_bias"),
+        groups=moe_cfg.groups,
+        topk_groups=moe_cfg.topk_groups,
+        scale=moe_cfg.route_scale,
+    )
     load = jnp.zeros((moe_cfg.num_experts + 1,), jnp.float32).at[routing.experts].add(1.0)
     group = Routing(coll.gather_tokens(routing.experts), coll.gather_tokens(routing.weights))
     local_e = group.experts - offset
@@ -384,6 +419,11 @@ def token_choice_layer(
         load=load[: moe_cfg.num_experts],
         dropped=assigned - kept_n / coll.expert_size,
         assigned=assigned,
+        seq_load=(
+            sequence_load(routing.experts, seq_len, moe_cfg.num_experts)
+            if moe_cfg.lb_scope == "sequence"
+            else None
+        ),
     )
     return served, expert_counts, experts
 
@@ -407,57 +447,149 @@ def expert_choice_layer(cfg: Config, coll: Collectives, w, x_td, probs, mask_t) 
 
 
 def route(cfg: Config, w_router, x_td, key=None):
-    """Router logits and softmax probabilities in float32: [T, E] each."""
+    """Router logits and scores in float32, [T, E] each: the softmax over the experts, or
+    each expert's sigmoid affinity (moe.score=sigmoid)."""
     x32 = x_td.astype(jnp.float32)
     if key is not None and cfg.moe.jitter > 0:
         eps = cfg.moe.jitter
         x32 = x32 * jax.random.uniform(key, x32.shape, jnp.float32, 1 - eps, 1 + eps)
     logits = x32 @ w_router.astype(jnp.float32)
+    if cfg.moe.score == "sigmoid":
+        return logits, jax.nn.sigmoid(logits)
     return logits, jax.nn.softmax(logits, axis=-1)
 
 
-def top_k_routing(probs, mask_t, k: int, renormalize: bool) -> Routing:
-    """Top-k of the full softmax. k=1 keeps the softmax probability (Switch), so the router
-    gets gradient from the LM loss; k>1 optionally renormalises the k weights to sum 1."""
-    top_p, top_e = jax.lax.top_k(probs, k)  # [T, k]
+def probabilities(cfg: Config, scores):
+    """Each token's distribution over experts [T, E]: the softmax itself, or the sigmoid
+    affinities normalised to sum 1 (DeepSeek-V3's s'), for the balance loss and entropy."""
+    if cfg.moe.score == "sigmoid":
+        return scores / jnp.sum(scores, axis=-1, keepdims=True)
+    return scores
+
+
+def top_k_routing(
+    scores,
+    mask_t,
+    k: int,
+    renormalize: bool,
+    *,
+    bias=None,
+    groups: int = 1,
+    topk_groups: int = 1,
+    scale: float = 1.0,
+) -> Routing:
+    """Each token's top-k experts and their combine weights, from scores [T, E].
+
+    The choice ranks scores + bias [E] (None: no bias) among the experts of the token's
+    best topk_groups of `groups` groups; the weights are the chosen scores (never the bias),
+    renormalised to sum 1 when `renormalize` and k > 1, times `scale`. At k = 1 the weight
+    stays the raw score, as Switch keeps the softmax probability: a renormalised weight
+    would be 1.0 and give the router no gradient from the LM loss.
+    """
+    choice = jax.lax.stop_gradient(scores if bias is None else scores + bias)  # [T, E]
+    if groups > 1:
+        choice = within_best_groups(choice, groups, topk_groups)
+    _, top_e = jax.lax.top_k(choice, k)  # [T, k]
+    top_w = jnp.take_along_axis(scores, top_e, axis=-1)
     if renormalize and k > 1:
-        top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
-    n_experts = probs.shape[-1]
+        top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+    if scale != 1:
+        top_w = top_w * scale
+    n_experts = scores.shape[-1]
     top_e = jnp.where(mask_t[:, None], top_e, n_experts)  # padding tokens route nowhere
-    return Routing(experts=top_e.astype(jnp.int32), weights=top_p)
+    return Routing(experts=top_e.astype(jnp.int32), weights=top_w)
+
+
+def within_best_groups(choice, groups: int, topk_groups: int):
+    """choice [T, E] with the experts outside each token's best topk_groups groups at -inf.
+
+    Experts e = g * E/G + i form group g; a group ranks by the sum of its two best scores
+    (DeepSeek-V3; its one score for groups of one expert)."""
+    t, n_experts = choice.shape
+    grouped = choice.reshape(t, groups, n_experts // groups)  # [T, G, E/G]
+    top_in_group = jax.lax.top_k(grouped, min(2, n_experts // groups))[0]  # [T, G, 2]
+    _, best = jax.lax.top_k(jnp.sum(top_in_group, axis=-1), topk_groups)  # [T, topk_groups]
+    chosen = jnp.any(best[:, :, None] == jnp.arange(groups), axis=1)  # [T, G]
+    return jnp.where(chosen[:, :, None], grouped, -jnp.inf).reshape(t, n_experts)
+
+
+def sequence_load(experts_tk, seq_len: int, n_experts: int):
+    """[N, E] float32 assignments to each expert in each sequence of seq_len tokens, from
+    the choices [T, k] (n_experts marks none)."""
+    per_seq = experts_tk.reshape(experts_tk.shape[0] // seq_len, -1)  # [N, S * k]
+    rows = jnp.arange(per_seq.shape[0])[:, None]
+    counts = jnp.zeros((per_seq.shape[0], n_experts + 1), jnp.float32).at[rows, per_seq].add(1.0)
+    return counts[:, :n_experts]
 
 
 def router_stats(logits, probs, mask_t, served: Served, reduce=lambda x: x) -> MoEStats:
-    """Switch load-balance loss, ST-MoE z-loss and load statistics over non-padding tokens.
+    """Load-balance loss, ST-MoE z-loss and load statistics over non-padding tokens.
 
+    The balance loss is E * sum_e f_e * P_e, f_e the fraction of assignments routed to
+    expert e and P_e the mean of probs [T, E] (`probabilities`) over tokens, so a perfectly
+    balanced router scores 1.0: over all tokens (Switch; lb_scope=batch) or per sequence and
+    averaged over sequences, when served.seq_load holds each sequence's assignments
+    (DeepSeek-V3's sequence-wise loss, normalised the same way; lb_scope=sequence).
     Every mean is a global sum divided by a global count (`reduce` sums over devices), so
     sharded runs report the single-device numbers."""
     n_experts = probs.shape[-1]
     valid = mask_t.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-20)), axis=-1)
-    sums = reduce(
-        {
-            "tokens": valid.sum(),
-            "load": served.load,
-            "prob": (probs * valid[:, None]).sum(0),
-            "z": jnp.sum(valid * lse**2),
-            "entropy": jnp.sum(valid * entropy),
-            "dropped": jnp.asarray(served.dropped, jnp.float32),
-            "assigned": jnp.asarray(served.assigned, jnp.float32),
-        }
-    )
+    local = {
+        "tokens": valid.sum(),
+        "load": served.load,
+        "prob": (probs * valid[:, None]).sum(0),
+        "z": jnp.sum(valid * lse**2),
+        "entropy": jnp.sum(valid * entropy),
+        "dropped": jnp.asarray(served.dropped, jnp.float32),
+        "assigned": jnp.asarray(served.assigned, jnp.float32),
+    }
+    if served.seq_load is not None:
+        local["seq_lb"], local["seqs"] = sequence_balance_sums(probs, valid, served.seq_load)
+    sums = reduce(local)
     n_tokens = jnp.maximum(sums["tokens"], 1.0)
     load = sums["load"] / jnp.maximum(sums["load"].sum(), 1.0)  # f_e
     mean_prob = sums["prob"] / n_tokens  # P_e
+    if served.seq_load is None:
+        lb_loss = n_experts * jnp.sum(load * mean_prob)
+    else:
+        lb_loss = sums["seq_lb"] / jnp.maximum(sums["seqs"], 1.0)
     return MoEStats(
-        lb_loss=n_experts * jnp.sum(load * mean_prob),
+        lb_loss=lb_loss,
         z_loss=sums["z"] / n_tokens,
         load=load,
         dropped=sums["dropped"] / jnp.maximum(sums["assigned"], 1.0),
         entropy=sums["entropy"] / n_tokens,
         max_load=n_experts * jnp.max(load),
     )
+
+
+def sequence_balance_sums(probs, valid, seq_load):
+    """(sum over sequences of E * sum_e f_e * P_e, number of sequences), over the sequences
+    with a real token: probs [T, E], valid [T] float32, seq_load [N, E]."""
+    n_seqs, n_experts = seq_load.shape
+    valid_ns = valid.reshape(n_seqs, -1)  # [N, S]
+    tokens_n = valid_ns.sum(-1)
+    prob_ne = (probs.reshape(n_seqs, -1, n_experts) * valid_ns[..., None]).sum(1)  # [N, E]
+    prob_ne = prob_ne / jnp.maximum(tokens_n, 1.0)[:, None]  # P_e per sequence
+    frac_ne = seq_load / jnp.maximum(seq_load.sum(-1, keepdims=True), 1.0)  # f_e per sequence
+    loss_n = n_experts * jnp.sum(frac_ne * prob_ne, axis=-1)
+    has_tokens = tokens_n > 0
+    return jnp.sum(jnp.where(has_tokens, loss_n, 0.0)), jnp.sum(has_tokens.astype(jnp.float32))
+
+
+def balanced_bias(bias_ue, load_le, rate: float):
+    """DeepSeek-V3's auxiliary-loss-free update: bias + rate * sign(mean load - load).
+
+    bias_ue [U, E]: one row per unique MoE layer; load_le [L, E]: each applied MoE layer's
+    fraction of the global batch's assignments (MoEStats.load), L = repeats * U with
+    model.share_layers, whose repeats of a layer share its bias and pool their loads. The
+    mean load is 1/E of the assignments: the sign needs no count, and a fraction equal to
+    1/E (balanced) leaves the bias as it is."""
+    n_units, n_experts = bias_ue.shape
+    load_ue = load_le.reshape(-1, n_units, n_experts).mean(0)
+    return bias_ue + rate * jnp.sign(1.0 / n_experts - load_ue)
 
 
 def expert_capacity(n_tokens: int, k: int, n_experts: int, factor: float) -> int:

@@ -29,14 +29,16 @@ def metric(workdir, name: str = "loss") -> list[float]:
 
 
 def train_meshes(workdir: str, meshes: dict[str, dict]) -> dict:
-    """Trains tiny on each mesh (and routing settings); returns losses, fractions dropped and
-    what each device holds of the experts."""
+    """Trains tiny on each mesh (and routing settings); returns losses, fractions dropped,
+    the router bias after each step (moe.bias_rate > 0, else None) and what each device
+    holds of the experts."""
     out = {}
     for name, mesh in meshes.items():
         cfg = config.load("tiny", {**TINY, **mesh})
         train.run(cfg, Path(workdir) / name, log=lambda s: None)
         run_dir = Path(workdir) / name
         out[name] = {"losses": metric(run_dir), "dropped": metric(run_dir, "dropped")}
+        out[name]["router_bias"] = metric(run_dir, "router_bias") if cfg.moe.bias_rate else None
         # What each device really holds of the born-sharded expert weights.
         mesh_ = sharding.make_mesh(cfg.mesh)
         _, p = initialize.init_params(cfg, mesh_, 0)
