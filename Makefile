@@ -53,6 +53,16 @@ experiments: install
 	$(BIN)/python experiments/sharing.py
 	$(BIN)/python experiments/overfitting.py
 
+# The scaling study (experiments/README.md, "The scaling study"): ~6.5 h on two CPU cores.
+# Stop it at any time (Ctrl-C checkpoints the run in progress) and run it again: finished
+# runs (experiments/results/study/*.json) are skipped, a stopped one resumes. Then the step
+# times of shapes not yet measured at this commit (alternating) and the report.
+.PHONY: study
+study: install
+	$(BIN)/python experiments/study.py
+	$(BIN)/python experiments/study.py --calibrate
+	$(BIN)/python experiments/study_report.py
+
 lint: install-extras
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

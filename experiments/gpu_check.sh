@@ -100,3 +100,20 @@ if [ "$left" -gt 60 ]; then
   tail -15 "$OUT/tests.txt"
 fi
 cat "$OUT/summary.txt"
+
+# ---------------------------------------------------------------------------------------
+# The scaling study's headline pair on the GPU (experiments/study.py --gpu; issue 20).
+# Off unless GPU_CHECK_STUDY=1 (it takes ~5 minutes). Alone:
+#   GPU_CHECK_PROFILES=none GPU_CHECK_SECONDS=0 GPU_CHECK_STUDY=1 bash experiments/gpu_check.sh
+# Dense and the CPU study's best MoE at ~26M active parameters (d_model 640, 4 layers,
+# bfloat16, 64 x 1,024 tokens a step): step times measured alternating, then both trained
+# for the steps the slower one runs in GPU_STUDY_SECONDS (default 90), so the two see
+# equal tokens. Writes $OUT/results/study/gpu-<arm>.json (the study's result format); copy
+# them to experiments/results/study/ and run experiments/study_report.py.
+if [ "${GPU_CHECK_STUDY:-0}" = 1 ]; then
+  echo "== study: headline pair on the GPU (at ${SECONDS}s)" | tee -a "$OUT/log.txt"
+  timeout 295 python3 experiments/study.py --gpu "${GPU_STUDY_SECONDS:-90}" --out "$OUT" \
+    >"$OUT/study.txt" 2>&1
+  echo "   exit $? after $((SECONDS - start))s" | tee -a "$OUT/log.txt"
+  grep -E "^(GPU step times|gpu-)" "$OUT/study.txt" | tee -a "$OUT/summary.txt"
+fi

@@ -302,6 +302,12 @@ class Checkpointer:
             check_model_record(meta["model"], model, where)
         want, have = shapes_of(abstract_params), meta["shapes"]
         for path in sorted(set(want) | set(have)):
+            if path.endswith("/router_bias") and (path in want) != (path in have):
+                trained = "moe.bias_rate > 0" if path in have else "moe.bias_rate=0"
+                raise ConfigError(
+                    f"{where} holds {'a' if path in have else 'no'} router bias: it was "
+                    f"trained with {trained}, and so must the config be"
+                )
             if want.get(path) != have.get(path):
                 raise ConfigError(
                     f"{where} holds another model than the config: parameter {path} has "

@@ -6,6 +6,7 @@ Every user error surfaces as one line `sparsemodel: error: ...` and exit status 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ from sparsemodel import config, host_heap
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsemodel", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    for add_command in (_add_train, _add_eval, _add_profile, _add_generate, _add_hf):
+    for add_command in (_add_train, _add_eval, _add_profile, _add_generate, _add_hf, _add_upcycle):
         add_command(sub)
     return p
 
@@ -126,6 +127,27 @@ def _add_hf(sub) -> None:
         help="largest safetensors file, e.g. 500MB or 2GiB (default 5GiB; a larger tensor "
         "gets a file of its own)",
     )
+
+
+def _add_upcycle(sub) -> None:
+    u = sub.add_parser("upcycle", help="an MoE workdir (step 0) from a dense workdir's checkpoint")
+    u.add_argument("--from", dest="src", required=True, metavar="DENSE_WORKDIR")
+    u.add_argument("--workdir", required=True, help="the new workdir (must not exist yet)")
+    u.add_argument(
+        "--method",
+        choices=["copy", "granular", "drop"],
+        default="copy",
+        help="copy: every expert is the dense MLP; granular: experts are slices of it "
+        "(--set moe.d_expert=...); drop: copy, then re-draw a fraction of each expert's units",
+    )
+    u.add_argument(
+        "--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE"
+    )
+    u.add_argument("--drop", type=float, help="drop: fraction of units re-drawn (default 0.5)")
+    u.add_argument("--router-std", type=float, help="routers' init std (default model.init_std)")
+    u.add_argument("--seed", type=int, help="of the routers and re-drawn units (train.seed)")
+    u.add_argument("--step", type=int, help="the dense checkpoint's step (default: newest)")
+    u.add_argument("--max-tokens", type=int, default=65_536, help="eval tokens per model; 0 = all")
 
 
 def _init_distributed(args) -> None:
@@ -294,12 +316,48 @@ def _export_hf(args) -> int:
     return 0
 
 
+def _upcycle(args) -> int:
+    from sparsemodel import upcycle
+
+    if args.max_tokens < 0:
+        raise _UsageError(f"--max-tokens: must be >= 0 (0 = all), got {args.max_tokens}")
+    u = upcycle.upcycle(
+        args.src,
+        args.workdir,
+        args.method,
+        config.parse_overrides(args.overrides),
+        drop=args.drop,
+        router_std=args.router_std,
+        seed=args.seed,
+        step=args.step,
+        max_tokens=args.max_tokens or None,
+    )
+    e, recipe = u.cfg.moe, u.recipe
+    how = {
+        "copy": "every expert the dense MLP",
+        "granular": f"{upcycle.slices(u.cfg)} slices of the dense MLP, "
+        f"{e.num_experts // upcycle.slices(u.cfg)} copies each",
+        "drop": f"the dense MLP with {recipe.drop:.0%} of its units re-drawn per expert",
+    }[recipe.method]
+    print(
+        f"upcycled {args.src} (step {u.dense_step}) by {recipe.method} into {args.workdir} "
+        f"(checkpoint step 0): {e.num_experts} experts of width {e.d_expert}, top-{e.top_k}, "
+        f"{how}; routers N(0, {recipe.router_std:g}^2), seed {recipe.seed}"
+    )
+    d, m = u.dense, u.upcycled
+    print(
+        f"step-0 eval loss on {d.source}, {d.tokens:,} tokens: dense {d.loss:.4f}, "
+        f"upcycled {m.loss:.4f} (difference {m.loss - d.loss:+.2e})"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("train", "profile"):  # commands that run many steps
         host_heap.keep_freed_heap()  # before JAX starts its threads
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _interrupt_once)
+        signal.signal(signal.SIGINT, _exit_on_interrupt)
     from sparsemodel.checkpoint import CheckpointError
     from sparsemodel.config import ConfigError
     from sparsemodel.data import DataError
@@ -314,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             "profile": _profile,
             "import-hf": _import_hf,
             "export-hf": _export_hf,
+            "upcycle": _upcycle,
         }[args.command](args)
     except (ConfigError, DataError, CheckpointError, _UsageError) as e:
         return _exit(2, f"sparsemodel: error: {e}")
@@ -321,19 +380,18 @@ def main(argv: list[str] | None = None) -> int:
         return _exit(1, f"sparsemodel: training stopped: {e}")
     except StorageError as e:
         return _exit(1, f"sparsemodel: error: {e}")
-    except KeyboardInterrupt:
-        # Leave without unwinding: interpreter shutdown while XLA's and Orbax's threads run
-        # printed their tracebacks (and could crash); nothing is half-written here, since
-        # the training loop turns Ctrl-C into a checkpoint and a clean exit itself.
-        print("sparsemodel: interrupted", file=sys.stderr, flush=True)
+
+
+def _exit_on_interrupt(_signum, _frame):
+    """Ctrl-C outside the training loop (which turns it into a checkpoint and a clean exit
+    of its own): one line, then leave at once. Raising KeyboardInterrupt instead could land
+    in a garbage-collection callback that swallows it (and the run went on), and unwinding
+    while XLA's and Orbax's threads run printed their tracebacks. Nothing here is
+    half-written: every file a command writes is written atomically or built aside."""
+    with contextlib.suppress(Exception):  # the main thread may be inside a print
         sys.stdout.flush()
-        os._exit(130)
-
-
-def _interrupt_once(_signum, _frame):
-    """The first Ctrl-C interrupts; later ones are ignored while the command exits."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise KeyboardInterrupt
+    os.write(2, b"sparsemodel: interrupted\n")
+    os._exit(130)
 
 
 def _exit(code: int, message: str) -> int:

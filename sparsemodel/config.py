@@ -125,6 +125,9 @@ class MoEConfig:
     num_shared: int = 0  # always-on shared experts, fused into one MLP of num_shared*d_shared
     d_shared: int = 0  # width of each shared expert; 0: d_expert
     shared_gate: bool = False  # scale the shared experts' output by sigmoid(x w) (Qwen2-MoE)
+    # "layer": each MoE layer owns its experts; "global": one pool of num_experts experts that
+    # every MoE layer routes into with its own router (more experts at the same FLOPs).
+    pool: Literal["layer", "global"] = "layer"
     every: int = 1  # every n-th layer (after first_dense) is an MoE layer
     first_dense: int = 0  # the first k layers are dense
     router: Literal["topk", "expert_choice"] = "topk"
@@ -138,6 +141,20 @@ class MoEConfig:
     # device group, token-major (a workdir written before this key existed runs "batch").
     capacity_group: Literal["sequence", "batch"] = "sequence"
     renormalize: bool = True  # renormalise top-k weights to sum 1 (k > 1 only)
+    # Router scores: "softmax" over the experts, or "sigmoid": one affinity per expert
+    # (DeepSeek-V3), chosen top-k and renormalised over the k as softmax's are.
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    groups: int = 1  # group-limited routing: experts in G groups of num_experts / G ...
+    topk_groups: int = 1  # ... of which each token uses its best topk_groups
+    # Auxiliary-loss-free balancing (DeepSeek-V3): a per-layer, per-expert bias added to
+    # the scores for choosing experts only, moved by bias_rate * sign(mean load - load)
+    # after every step (0 = no bias).
+    bias_rate: float = 0.0
+    route_scale: float = 1.0  # multiplies the combine weights (DeepSeek-V3's routed scaling)
+    # Load-balance loss over the micro-batch's assignments ("batch") or per sequence,
+    # averaged over sequences ("sequence", DeepSeek-V3's sequence-wise balance loss).
+    lb_scope: Literal["batch", "sequence"] = "batch"
+    health_intervals: int = 5  # warn after this many log intervals with dead/flooded experts
     jitter: float = 0.0  # multiplicative router-input noise U(1-eps, 1+eps) in training
     lb_coef: float = 0.01
     z_coef: float = 1e-3
@@ -163,6 +180,7 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0
     dtype: Literal["float32", "bfloat16"] = "float32"
+    moment_dtype: Literal["float32", "bfloat16"] = "float32"  # AdamW's two moments, stored
     remat: Literal["none", "full", "dots"] = "none"
     log_every: int = 10
     checkpoint_every: int = 200
@@ -541,6 +559,41 @@ def _check_moe(e: MoEConfig, m: ModelConfig) -> None:
     _need(0 <= e.jitter < 1, "moe.jitter", f"must be in [0, 1), got {e.jitter}")
     _need(e.lb_coef >= 0, "moe.lb_coef", f"must be >= 0, got {e.lb_coef}")
     _need(e.z_coef >= 0, "moe.z_coef", f"must be >= 0, got {e.z_coef}")
+    _check_routing(e)
+
+
+def _check_routing(e: MoEConfig) -> None:
+    """Token choice's routing options (DeepSeek-V3's): groups, bias, scaling, health."""
+    n, g = e.num_experts, e.groups
+    _need(g >= 1, "moe.groups", f"must be >= 1, got {g}")
+    _need(n % g == 0, "moe.groups", f"{g} does not divide moe.num_experts={n}")
+    _need(
+        1 <= e.topk_groups <= g,
+        "moe.topk_groups",
+        f"must be in [1, moe.groups={g}], got {e.topk_groups}",
+    )
+    _need(
+        e.top_k <= e.topk_groups * (n // g),
+        "moe.top_k",
+        f"{e.top_k} exceeds the {e.topk_groups * (n // g)} experts of moe.topk_groups="
+        f"{e.topk_groups} groups of {n // g}",
+    )
+    _need(e.bias_rate >= 0, "moe.bias_rate", f"must be >= 0 (0 = no bias), got {e.bias_rate}")
+    _need(e.route_scale > 0, "moe.route_scale", f"must be positive, got {e.route_scale}")
+    _need(
+        e.health_intervals >= 1,
+        "moe.health_intervals",
+        f"must be >= 1, got {e.health_intervals}",
+    )
+    if e.router == "expert_choice":  # experts pick tokens: no per-token choice to shape
+        for key, is_set in (
+            ("moe.score", e.score != "softmax"),
+            ("moe.groups", g > 1),
+            ("moe.bias_rate", e.bias_rate > 0),
+            ("moe.route_scale", e.route_scale != 1),
+            ("moe.lb_scope", e.lb_scope != "batch"),
+        ):
+            _need(not is_set, key, "applies to moe.router=topk only (not expert_choice)")
 
 
 def _check_layer_sharing(cfg: Config) -> None:
@@ -654,6 +707,7 @@ SHAPE_FIELDS = (
     "moe.num_shared",
     "moe.d_shared",
     "moe.shared_gate",
+    "moe.pool",
     "moe.every",
     "moe.first_dense",
     "data.tokenizer",  # not a shape, but the ids would mean other text

@@ -44,19 +44,25 @@ class Restored:
         return tokenizer_lib.for_workdir(self.cfg, self.workdir or Path("."))
 
 
-def restore(workdir: str | Path, step: int | None = None) -> Restored:
-    """Loads config.yaml and the parameters of checkpoint `step` (default: the newest)."""
-    workdir = Path(workdir)
+def stored_config(workdir: Path, flag: str = "--workdir") -> Config:
+    """A workdir's config.yaml; ConfigError naming `flag` when it is not a workdir."""
     if not workdir.is_dir():
-        raise ConfigError(f"--workdir {workdir}: not a directory")
+        raise ConfigError(f"{flag} {workdir}: not a directory")
     if not (workdir / "config.yaml").is_file():
-        raise ConfigError(f"--workdir {workdir}: no config.yaml (not a sparsemodel workdir)")
-    cfg = config_lib.load_stored(workdir / "config.yaml").replace(
+        raise ConfigError(f"{flag} {workdir}: no config.yaml (not a sparsemodel workdir)")
+    return config_lib.load_stored(workdir / "config.yaml")
+
+
+def restore(workdir: str | Path, step: int | None = None, flag: str = "--workdir") -> Restored:
+    """Loads config.yaml and the parameters of checkpoint `step` (default: the newest);
+    errors name the workdir as `flag` gave it."""
+    workdir = Path(workdir)
+    cfg = stored_config(workdir, flag).replace(
         {"mesh.data": -1, "mesh.fsdp": 1, "mesh.expert": 1, "mesh.tensor": 1}
     )
     ckpt = Checkpointer(workdir, async_save=False)
     if ckpt.latest_step() is None:
-        raise CheckpointError(f"--workdir {workdir}: holds no checkpoint yet")
+        raise CheckpointError(f"{flag} {workdir}: holds no checkpoint yet")
     mesh = sharding.make_mesh(MeshConfig())
     graphdef, target = abstract_params(cfg, mesh)
     step, params, _ = ckpt.read(step, target, model=cfg)

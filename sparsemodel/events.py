@@ -3,7 +3,10 @@
     tensorboard --logdir runs/small
 
 Scalars: train/* (losses, lr, grad and parameter norms, tokens/s, MFU, ...) and, for MoE
-models, experts/layer<i>/load_e<j> (load x E, 1 = balanced) and experts/layer<i>/dropped.
+models, experts/layer<i>/load_e<j> (load x E, 1 = balanced), experts/layer<i>/dropped, the
+router bias experts/layer<i>/bias_e<j> (moe.bias_rate > 0; i counts the unique MoE layers)
+and, at the end of each log interval, experts/layer<i>/dead and experts/layer<i>/overloaded
+(health.py).
 
 Events are written and flushed on the training thread, once per step. tensorboardX's
 SummaryWriter writes from a background thread instead: when the disk filled up, that thread
@@ -24,6 +27,14 @@ from tensorboardX.record_writer import masked_crc32c
 from tensorboardX.summary import scalar
 
 from sparsemodel.files import storage_error
+
+# Record keys holding one value per MoE layer, or one per layer and expert: their tags.
+PER_LAYER = {
+    "layer_dropped": "dropped",
+    "dead_experts": "dead",
+    "overloaded_experts": "overloaded",
+}
+PER_EXPERT = {"load": "load_e", "router_bias": "bias_e"}
 
 
 class EventLog:
@@ -46,15 +57,16 @@ class EventLog:
     def write(self, step: int, record: dict) -> None:
         values = []
         for key, value in record.items():
-            if key in ("step", "load", "layer_dropped") or value is None:
+            if key == "step" or key in PER_LAYER or key in PER_EXPERT or value is None:
                 continue
             values.append((f"train/{key}", float(value)))
-        if "load" in record:
-            load = np.asarray(record["load"])  # [moe layers, E]
-            for i, row in enumerate(load):
-                values += [(f"experts/layer{i}/load_e{j}", f * len(row)) for j, f in enumerate(row)]
-        for i, dropped in enumerate(record.get("layer_dropped", [])):
-            values.append((f"experts/layer{i}/dropped", float(dropped)))
+        for key, tag in PER_EXPERT.items():
+            for i, row in enumerate(np.asarray(record.get(key, []))):  # [layers, E]
+                scale = len(row) if key == "load" else 1  # load x E: 1 = balanced
+                values += [(f"experts/layer{i}/{tag}{j}", v * scale) for j, v in enumerate(row)]
+        for key, tag in PER_LAYER.items():
+            for i, value in enumerate(record.get(key, [])):
+                values.append((f"experts/layer{i}/{tag}", float(value)))
         now = time.time()
         self._write([Event(wall_time=now, step=step, summary=scalar(t, v)) for t, v in values])
 

@@ -15,7 +15,7 @@ from sparsemodel.config import Config
 
 @dataclass(frozen=True)
 class ParamCounts:
-    total: int  # parameters as if no layer were shared
+    total: int  # parameters as if no layer were shared (a global expert pool counts once)
     unique: int  # parameters actually stored (after model.share_layers)
     embedding: int  # token embedding (+ unembedding when untied)
     active_per_token: int  # used by one token: everything but unchosen experts and the lookup
@@ -43,7 +43,7 @@ def _layer_params(cfg: Config, kind: str) -> dict[str, int]:
         out["dense_mlp"] = 3 * d * m.d_ff
     else:
         out["router"] = d * e.num_experts
-        out["experts"] = 3 * d * e.d_expert * e.num_experts
+        out["experts"] = 3 * d * e.d_expert * e.num_experts if e.pool == "layer" else 0
         out["shared_experts"] = 3 * d * e.shared_width + (d if e.shared_gate else 0)
     return out
 
@@ -68,6 +68,8 @@ def param_counts(cfg: Config) -> ParamCounts:
     for parts in (total_parts, unique_parts):
         parts["norms"] = parts.get("norms", 0) + m.d_model  # final norm
         parts["embeddings"] = embed
+        if cfg.is_moe and e.pool == "global":  # one pool, stored once, used by every layer
+            parts["experts"] = 3 * m.d_model * e.d_expert * e.num_experts
     active = 0
     for kind, layer in zip(kinds, per_layer, strict=True):
         active += layer["attention"] + sum(layer[part] for part in NOT_MATMUL)

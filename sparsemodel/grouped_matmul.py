@@ -115,20 +115,40 @@ class StackedExperts(NamedTuple):
         return cls.of((w_gate_up[None], w_down[None]), jnp.int32(0))
 
 
-def loop_swiglu(x_rd, rows: ExpertRows, block: int, experts: StackedExperts):
+def loop_swiglu(
+    x_rd, rows: ExpertRows, block: int, experts: StackedExperts, recompute: bool = False
+):
     """x_rd [R, D] laid out by `rows`, through layer `experts.layer` of the stack.
-    Returns y [R, D] (padding rows are zeros) and the stack with its new sink."""
+    Returns y [R, D] (padding rows are zeros) and the stack with its new sink.
+
+    recompute: the backward recomputes each block's [B, 2F] gate/up product instead of
+    keeping all of them from the forward (one more matmul per block, for not writing,
+    zeroing and reading back an [R, 2F] buffer: the better trade where d_model is small
+    and the step is bound by memory traffic, kernels.choose)."""
     y, sink = expert_swiglu(
-        x_rd, rows.start, rows.padded, *experts.weights, experts.layer, *experts.sink, block
+        x_rd,
+        rows.start,
+        rows.padded,
+        *experts.weights,
+        experts.layer,
+        *experts.sink,
+        block,
+        recompute,
     )
     return y, experts._replace(sink=sink)
 
 
-def swiglu_forward(xb, w_gate_up, w_down):
-    """One block through one expert: y [B, D], and h [B, 2F] (gate then up) kept for the
-    backward. w_gate_up [D, 2, F] runs as one [D, 2F] matmul."""
+def gate_up(xb, w_gate_up):
+    """[B, D] x [D, 2, F] as one [D, 2F] matmul: h [B, 2F], gate columns then up."""
     d, _, f = w_gate_up.shape
-    h = xb @ w_gate_up.reshape(d, 2 * f)  # [B, 2F]
+    return xb @ w_gate_up.reshape(d, 2 * f)
+
+
+def swiglu_forward(xb, w_gate_up, w_down):
+    """One block through one expert: y [B, D], and h [B, 2F] (gate then up) for the
+    backward."""
+    f = w_gate_up.shape[-1]
+    h = gate_up(xb, w_gate_up)
     return (jax.nn.silu(h[:, :f]) * h[:, f:]) @ w_down, h  # [B, D]
 
 
@@ -172,41 +192,49 @@ def _each_block(start, n_rows, block: int, body, carry, n_buffer: int):
     return carry
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(8,))
-def expert_swiglu(x_rd, start, padded, w_gate_up, w_down, layer, s_gate_up, s_down, block):
+@partial(jax.custom_vjp, nondiff_argnums=(8, 9))
+def expert_swiglu(
+    x_rd, start, padded, w_gate_up, w_down, layer, s_gate_up, s_down, block, recompute
+):
     """Expert e's rows are start[e] .. start[e] + padded[e] - 1; its weights are
     w_*[layer, e] of the stacked [U, E, ...] weights. Returns y [R, D] and the sinks
     s_* unchanged; the backward adds the weight gradient of layer `layer` into the
     sinks' cotangents (see StackedExperts)."""
     w = (w_gate_up, w_down)
-    return _expert_forward(x_rd, start, padded, w, layer, block)[0], (s_gate_up, s_down)
+    y, _ = _expert_forward(x_rd, start, padded, w, layer, block, keep_h=False)
+    return y, (s_gate_up, s_down)
 
 
-def _expert_forward(x_rd, start, padded, w_stack, layer, block):
+def _expert_forward(x_rd, start, padded, w_stack, layer, block, keep_h: bool):
+    """-> y [R, D], and h [R, 2F] (or None without keep_h)."""
     f, dtype = w_stack[0].shape[-1], x_rd.dtype
 
     def expert(e, carry):
         w = _expert_weights((layer, e), *w_stack, dtype)
 
         def body(carry, first, size):
-            y, h = carry
             yb, hb = swiglu_forward(jax.lax.dynamic_slice_in_dim(x_rd, first, size), *w)
             put = jax.lax.dynamic_update_slice_in_dim
+            if not keep_h:
+                return put(carry, yb, first, 0)
+            y, h = carry
             return put(y, yb, first, 0), put(h, hb, first, 0)
 
         return _each_block(start[e], padded[e], block, body, carry, x_rd.shape[0])
 
-    empty = (jnp.zeros_like(x_rd), jnp.zeros((x_rd.shape[0], 2 * f), dtype))
-    return jax.lax.fori_loop(0, w_stack[0].shape[1], expert, empty)  # y [R, D], h [R, 2F]
+    y = jnp.zeros_like(x_rd)
+    empty = (y, jnp.zeros((x_rd.shape[0], 2 * f), dtype)) if keep_h else y
+    out = jax.lax.fori_loop(0, w_stack[0].shape[1], expert, empty)
+    return out if keep_h else (out, None)
 
 
-def _expert_fwd(x_rd, start, padded, w_gate_up, w_down, layer, s_gate_up, s_down, block):
+def _expert_fwd(x_rd, start, padded, w_gate_up, w_down, layer, s_gate_up, s_down, block, recompute):
     w = (w_gate_up, w_down)
-    y, h = _expert_forward(x_rd, start, padded, w, layer, block)
+    y, h = _expert_forward(x_rd, start, padded, w, layer, block, keep_h=not recompute)
     return (y, (s_gate_up, s_down)), (x_rd, start, padded, w, layer, h)
 
 
-def _expert_bwd(block, res, cotangents):
+def _expert_bwd(block, recompute, res, cotangents):
     x_rd, start, padded, w_stack, layer, h_rf = res
     dy_rd, sinks = cotangents
     dtype = x_rd.dtype
@@ -217,7 +245,9 @@ def _expert_bwd(block, res, cotangents):
         def body(carry, first, size):
             dx, sinks = carry
             rows = lambda a: jax.lax.dynamic_slice_in_dim(a, first, size)  # noqa: E731
-            dxb, *grads = swiglu_backward(rows(x_rd), rows(h_rf), rows(dy_rd), *w)
+            xb = rows(x_rd)
+            hb = gate_up(xb, w[0]) if recompute else rows(h_rf)
+            dxb, *grads = swiglu_backward(xb, hb, rows(dy_rd), *w)
             dx = jax.lax.dynamic_update_slice_in_dim(dx, dxb, first, 0)
             return dx, tuple(_add_at(s, (layer, e), g) for s, g in zip(sinks, grads, strict=True))
 

@@ -50,12 +50,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import struct
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +72,8 @@ from sparsemodel.hf_families import (
     export_family,
     read_json_object,
 )
+
+from sparsemodel.workdir import built_beside, refuse_existing
 
 MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size for save_pretrained
 
@@ -378,11 +379,11 @@ def import_hf(src: str | Path, workdir: str | Path, log=print) -> Config:
         cfg = cfg.replace({"data.tokenizer": "bpe"})  # train/eval/generate read the copy below
     if generation.is_file():
         read_json_object(generation)  # export-hf writes it back: refuse a broken one now
-    _refuse_existing(workdir, f"--workdir {workdir}")
+    refuse_existing(workdir, f"--workdir {workdir}")
     with ExitStack() as stack:
         reader = SafetensorsDir(src, stack)
         _check_tensors(cfg, family, reader)
-        with _built_beside(workdir, f"--workdir {workdir}") as build:
+        with built_beside(workdir, f"--workdir {workdir}") as build:
             if tokenizer.is_file():
                 shutil.copyfile(tokenizer, build / "tokenizer.json")
             if generation.is_file():
@@ -397,37 +398,6 @@ def import_hf(src: str | Path, workdir: str | Path, log=print) -> Config:
             shutil.rmtree(memmaps)
             config_lib.dump(cfg, build / "config.yaml")
     return cfg
-
-
-def _refuse_existing(path: Path, what: str) -> None:
-    """ConfigError unless path is absent or an empty directory: nothing is overwritten."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{what}: exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()):
-        held = "checkpoints" if (path / "checkpoints").exists() else "files"
-        raise ConfigError(f"{what}: already holds {held} (use a new directory)")
-
-
-@contextmanager
-def _built_beside(dest: Path, what: str) -> Iterator[Path]:
-    """A new directory under a temporary name beside dest, renamed to dest when the block
-    succeeds and removed when it fails, so dest never holds a half-written result."""
-    build = dest.absolute().parent / f".{dest.absolute().name}.partial-{os.getpid()}"
-    try:
-        build.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(build, ignore_errors=True)  # left by a killed run of this same pid
-        build.mkdir()
-    except OSError as e:
-        raise ConfigError(f"{what}: not writable ({e.strerror})") from None
-    try:
-        yield build
-        try:
-            build.rename(dest)  # atomic; replaces an empty directory, never a non-empty one
-        except OSError as e:
-            raise ConfigError(f"{what}: cannot put the result in place ({e.strerror})") from None
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
 
 
 def _assemble(cfg: Config, family: Family, reader: SafetensorsDir, memmaps: Path, log):
@@ -495,19 +465,20 @@ def export_hf(
     family = export_family(cfg, model_type, source_hf.get("model_type"))
     hf_cfg = config_to_hf(cfg, family, source_hf)
     generation = _generation_config(workdir, hf_cfg)
-    _refuse_existing(out, f"output {out}")
+    refuse_existing(out, f"output {out}")
     ckpt = Checkpointer(workdir, async_save=False)
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise CheckpointError(f"--workdir {workdir}: holds no checkpoint yet")
     _check_checkpoint_holds(ckpt, step, cfg)
+    _refuse_router_bias(ckpt, step, cfg)
 
     todo = sorted(slots(cfg, family), key=lambda s: tuple(map(str, s.leaf)))  # leaf by leaf
     fetch = _one_leaf_at_a_time(ckpt, step)
     shapes = {s.hf: s.shape for s in todo}
     shards = list(_split(todo, shapes, max_shard_bytes))
     names = _shard_names(len(shards))
-    with _built_beside(out, f"output {out}") as build:
+    with built_beside(out, f"output {out}") as build:
         try:
             for name, shard in zip(names, shards, strict=True):
                 tensors = [(s.hf, shapes[s.hf], lambda s=s: fetch(s)) for s in shard]
@@ -589,6 +560,26 @@ def _check_checkpoint_holds(ckpt, step: int, cfg: Config) -> None:
 
     _, target = abstract_params(cfg, sharding.make_mesh(config_lib.MeshConfig()))
     ckpt.check_model(step, ckpt.meta(step), target, cfg)
+
+
+def _refuse_router_bias(ckpt, step: int, cfg: Config) -> None:
+    """ConfigError when the checkpoint's router bias (moe.bias_rate) is not zero: it changes
+    which experts run, and Mixtral's router has none."""
+    if cfg.moe.bias_rate == 0:
+        return
+    from flax import nnx
+
+    from sparsemodel import sharding
+    from sparsemodel.initialize import abstract_params
+    from sparsemodel.moe import RouterBias
+
+    _, target = abstract_params(cfg, sharding.make_mesh(config_lib.MeshConfig()))
+    for path, _ in nnx.to_flat_state(nnx.filter_state(target, RouterBias)):
+        if np.any(ckpt.restore_leaf(step, path)):
+            raise ConfigError(
+                f"export-hf: no Hugging Face family expresses the router bias of moe.bias_rate "
+                f"(non-zero in checkpoint step {step})"
+            )
 
 
 def _split(todo: list[Slot], shapes, max_bytes: int) -> Iterator[list[Slot]]:

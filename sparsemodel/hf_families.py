@@ -565,6 +565,10 @@ def _moe_cannot_express(cfg: Config, keys: MoEKeys) -> list[tuple[bool, str]]:
             "moe.shared_gate=false (its shared expert is always gated)",
         ),
         (e.router != "topk", f"moe.router={e.router}"),
+        (e.pool == "global", "moe.pool=global: one expert pool shared by all layers"),
+        (e.score != "softmax", f"moe.score={e.score}"),
+        (e.groups > 1, f"moe.groups={e.groups} (group-limited routing)"),
+        (e.route_scale != 1, f"moe.route_scale={e.route_scale}"),
         (
             keys.renormalize is None and e.top_k > 1 and not e.renormalize,
             f"moe.top_k={e.top_k} without moe.renormalize",

@@ -33,6 +33,8 @@ class Kernels:
     attention: Literal["xla", "cudnn"]  # causal attention of a full sequence
     unroll: bool | int  # the `unroll` of every jax.lax.scan
     experts_in_place: bool  # the layer scan hands MoE layers the stacked expert weights
+    # the 'blocks' backward recomputes each block's gate/up product (grouped_matmul.py)
+    recompute_gate_up: bool = False
 
 
 @contextlib.contextmanager

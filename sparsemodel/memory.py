@@ -55,7 +55,8 @@ def check_training_fits(cfg: Config, mesh) -> None:
     free, what = available
     _, target = abstract_params(cfg, mesh)
     # Parameters, their gradients and AdamW's two moments, all sharded alike.
-    parts = training_parts(cfg, mesh, 4 * sharding.bytes_per_device(target))
+    moments = 2 * jnp.dtype(cfg.train.moment_dtype).itemsize / 4
+    parts = training_parts(cfg, mesh, int((2 + moments) * sharding.bytes_per_device(target)))
     # CPU devices share the host's memory; an accelerator's is its own.
     sharing = jax.local_device_count() if jax.devices()[0].platform == "cpu" else 1
     needed = sharing * sum(b for b, _ in parts.values())

@@ -9,6 +9,10 @@ Depth is organised so that `jax.lax.scan` runs over identical units:
              n_layers/g times (ALBERT-style sharing: fewer parameters, same FLOPs).
 
 Compile time therefore does not grow with depth.
+
+With moe.pool=global the MoE layers hold only their routers: the routed experts are one
+ExpertPool outside the scanned units, handed to every MoE layer of every pass as values
+(`Transformer._scan`), so its gradient is the sum of every layer's.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from sparsemodel import kernels
 from sparsemodel.config import Config
 from sparsemodel.grouped_matmul import StackedExperts
 from sparsemodel.layers import MLP, Attention, KVCache, RMSNorm, param
-from sparsemodel.moe import MoE, MoEStats, counts_per_sequence
+from sparsemodel.moe import ExpertPool, MoE, MoEStats, counts_per_sequence
 
 REMAT_POLICIES = {
     "full": None,  # save nothing, recompute everything in the backward pass
@@ -64,9 +68,12 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(d, cfg.model.norm_eps, rngs=rngs)
         self.ffn = MoE(cfg, rngs=rngs) if self.is_moe else MLP(d, cfg.model.d_ff, cfg, rngs=rngs)
 
-    def __call__(self, x_btd, positions, mask, key, cache: BlockCache | None, experts=None):
+    def __call__(
+        self, x_btd, positions, mask, key, cache: BlockCache | None, experts=None, pool=None
+    ):
         """x [B, T, D] -> (x, MoEStats or None, the new cache, experts): experts, the layer
-        scan's StackedExperts or None, comes back with this block's gradient sink."""
+        scan's StackedExperts or None, comes back with this block's gradient sink; pool: the
+        global expert pool's weights (moe.pool=global) or None."""
         h, kv = self.attn(self.attn_norm(x_btd), positions, None if cache is None else cache.kv)
         x_btd = x_btd + h
         b, t, d = x_btd.shape
@@ -74,7 +81,9 @@ class Block(nnx.Module):
         counts = None if cache is None else cache.expert_counts
         if self.is_moe:
             mask_n = None if mask is None else mask.reshape(b * t)
-            out = self.ffn(h_nd, mask_n, key, seq_len=t, expert_counts=counts, experts=experts)
+            out = self.ffn(
+                h_nd, mask_n, key, seq_len=t, expert_counts=counts, experts=experts, pool=pool
+            )
             y_nd, stats, counts, experts = out
         else:
             y_nd, stats = self.ffn(h_nd), None
@@ -88,13 +97,13 @@ class Unit(nnx.Module):
     def __init__(self, cfg: Config, kinds: tuple[str, ...], *, rngs: nnx.Rngs):
         self.blocks = nnx.List([Block(cfg, k, rngs=rngs) for k in kinds])
 
-    def __call__(self, x, positions, mask, key, caches, experts=None):
-        """-> (x, stats, caches, experts); experts: see Block (Transformer._scan)."""
+    def __call__(self, x, positions, mask, key, caches, experts=None, pool=None):
+        """-> (x, stats, caches, experts); experts, pool: see Block (Transformer._scan)."""
         stats = None
         new_caches = []
         for i, block in enumerate(self.blocks):
             cache = None if caches is None else caches[i]
-            x, s, c, experts = block(x, positions, mask, key, cache, experts)
+            x, s, c, experts = block(x, positions, mask, key, cache, experts, pool)
             stats = s if s is not None else stats  # at most one MoE block per unit
             new_caches.append(c)
         return x, stats, None if caches is None else tuple(new_caches), experts
@@ -137,6 +146,8 @@ class Transformer(nnx.Module):
                 cfg.model.init_std,
             )
         )
+        global_pool = cfg.is_moe and cfg.moe.pool == "global"
+        self.pool = ExpertPool(cfg, rngs=rngs) if global_pool else None
 
     @classmethod
     def from_config(cls, cfg: Config, *, rngs: nnx.Rngs) -> Transformer:
@@ -179,8 +190,9 @@ class Transformer(nnx.Module):
             x, _, new_cache["prefix"] = self._scan(
                 self.prefix, 1, x, positions, mask, None, cache["prefix"]
             )
+        pool = None if self.pool is None else self.pool.weights()
         x, stats, new_cache["units"] = self._scan(
-            self.units, self.repeats, x, positions, mask, key, cache["units"]
+            self.units, self.repeats, x, positions, mask, key, cache["units"], pool
         )
         x = self.final_norm(x)
         if self.unembed is None:
@@ -189,17 +201,27 @@ class Transformer(nnx.Module):
             logits = x @ self.unembed[...].astype(x.dtype)
         return logits.astype(jnp.float32), stats, new_cache
 
-    def _scan(self, units, repeats, x, positions, mask, key, caches):
+    def _scan(self, units, repeats, x, positions, mask, key, caches, pool=None):
         """Runs a stacked Unit `repeats` times over its depth with jax.lax.scan.
 
         caches: per block of the unit, a BlockCache with leading [repeats, n_unique] axes.
+        pool: the global expert pool's weights (moe.pool=global) or None. Every MoE layer of
+        every pass reads it, so its gradient is the sum of theirs: where the kernels read
+        experts in place it rides as a stack of one layer (every unit reads layer 0) whose
+        sink the passes carry; elsewhere the scan closes over it (JAX sums the gradients of
+        what a scan closes over) and the MoE layers take it as their expert weights.
         Returns x, stats stacked over [repeats * n_unique] units, and the new caches.
         """
         graphdef, state = nnx.split(units)
         n_unique = jax.tree.leaves(state)[0].shape[0]
         keys = None if key is None else jax.random.split(key, (repeats, n_unique))
         kern = kernels.choose(self.cfg)
-        stack, state = self._expert_stack(units, state, repeats, kern)
+        if pool is None:
+            stack, state = self._expert_stack(units, state, repeats, kern)
+            layers = jnp.arange(n_unique)
+        else:
+            stack, pool = _pool_stack(pool, kern)
+            layers = jnp.zeros(n_unique, jnp.int32)
 
         def unit_step(carry, inputs):
             x, sink = carry
@@ -207,27 +229,29 @@ class Transformer(nnx.Module):
             unit = nnx.merge(graphdef, unit_state)
             experts = None if stack is None else StackedExperts.of(stack, layer, sink)
             x, stats, unit_caches, experts = unit(
-                x, positions, mask, unit_key, unit_caches, experts
+                x, positions, mask, unit_key, unit_caches, experts, pool
             )
             return (x, None if experts is None else experts.sink), (stats, unit_caches)
 
         if self.cfg.train.remat != "none":
             unit_step = jax.checkpoint(unit_step, policy=REMAT_POLICIES[self.cfg.train.remat])
 
-        def one_pass(x, inputs):  # one pass over the unique units
+        def one_pass(carry, inputs):  # one pass over the unique units; carry: (x, sink)
             pass_keys, pass_caches = inputs
-            xs = (state, pass_keys, pass_caches, jnp.arange(n_unique))
-            (x, _), outputs = jax.lax.scan(unit_step, (x, stack), xs, unroll=kern.unroll)
-            return x, outputs
+            xs = (state, pass_keys, pass_caches, layers)
+            return jax.lax.scan(unit_step, carry, xs, unroll=kern.unroll)
 
         if repeats == 1:
             # No loop over passes: its backward would accumulate the parameters' gradient in a
             # zero-filled carry, a full extra pass over every gradient (most of them experts').
-            x, (stats, caches) = one_pass(x, jax.tree.map(lambda a: a[0], (keys, caches)))
+            inputs = jax.tree.map(lambda a: a[0], (keys, caches))
+            (x, _), (stats, caches) = one_pass((x, stack), inputs)
             stats, caches = jax.tree.map(lambda a: a[None], (stats, caches))
         else:
-            x, (stats, caches) = jax.lax.scan(
-                one_pass, x, (keys, caches), length=repeats, unroll=kern.unroll
+            # The sink (a pool's only: per-layer stacks are not read in place here) rides
+            # through the passes, each adding its layers' gradient.
+            (x, _), (stats, caches) = jax.lax.scan(
+                one_pass, (x, stack), (keys, caches), length=repeats, unroll=kern.unroll
             )
         stats = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), stats)
         return x, stats, caches
@@ -249,6 +273,17 @@ class Transformer(nnx.Module):
         for n in names:
             ffn[n] = ffn[n].replace(jax.lax.stop_gradient(ffn[n][...]))
         return stack, no_grad
+
+
+def _pool_stack(pool, kern: kernels.Kernels):
+    """(stack, pool) for Transformer._scan: where the kernels read experts in place, the pool
+    as a stack of one layer ([1, E, ...], read in place; its sink takes every layer's
+    gradient) and the pool's weights without gradient (the layers read only their shapes);
+    elsewhere no stack, and the pool as it is."""
+    if not kern.experts_in_place:
+        return None, pool
+    stack = (pool["gate_up"][None], pool["down"][None])
+    return stack, jax.lax.stop_gradient(pool)
 
 
 def aux_losses(stats: MoEStats | None) -> tuple[jax.Array, jax.Array]:

@@ -54,13 +54,28 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def moments_in(dtype, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """tx with its floating-point state (AdamW's two moments) stored in dtype and computed
+    in float32: bfloat16 moments halve the optimizer state's memory and the traffic of its
+    update, which reads and writes every moment each step."""
+
+    def cast(state, to):
+        floating = lambda x: jnp.issubdtype(x.dtype, jnp.floating)  # noqa: E731
+        return jax.tree.map(lambda x: x.astype(to) if floating(x) else x, state)
+
+    def update(updates, state, params=None):
+        updates, state = tx.update(updates, cast(state, jnp.float32), params)
+        return updates, cast(state, dtype)
+
+    return optax.GradientTransformation(lambda params: cast(tx.init(params), dtype), update)
+
+
 def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
     parts = []
     if t.grad_clip > 0:
         parts.append(clip_by_global_norm(t.grad_clip))
-    parts.append(
-        optax.adamw(
-            schedule(t), b1=t.beta1, b2=t.beta2, weight_decay=t.weight_decay, mask=decay_mask
-        )
+    adamw = optax.adamw(
+        schedule(t), b1=t.beta1, b2=t.beta2, weight_decay=t.weight_decay, mask=decay_mask
     )
+    parts.append(adamw if t.moment_dtype == "float32" else moments_in(jnp.bfloat16, adamw))
     return optax.chain(*parts)

@@ -13,6 +13,7 @@ from flax import nnx
 from sparsemodel import sharding
 from sparsemodel.config import Config
 from sparsemodel.model import aux_losses
+from sparsemodel.moe import RouterBias, balanced_bias
 from sparsemodel.optim import global_norm, schedule
 
 
@@ -25,8 +26,10 @@ def cross_entropy(logits, targets, mask=None):
 
 
 def make_loss_fn(graphdef, cfg: Config):
-    def loss_fn(params, batch, key):
-        lm = nnx.merge(graphdef, params)
+    """(params, router_bias, batch, key) -> (loss, aux): the gradient is params' alone."""
+
+    def loss_fn(params, router_bias, batch, key):
+        lm = nnx.merge(graphdef, params, router_bias)
         inputs, targets = batch[:, :-1], batch[:, 1:]  # [B, S] each
         logits, stats = lm(inputs, key=key)
         nll_sum, n = cross_entropy(logits, targets)
@@ -39,22 +42,27 @@ def make_loss_fn(graphdef, cfg: Config):
 
 
 def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation):
-    """(params, opt_state, batch [B, S+1], step) -> (params, opt_state, metrics)."""
+    """(state, opt_state, batch [B, S+1], step) -> (state, opt_state, metrics).
+
+    state: the model's (initialize.MODEL_STATE): the optimizer updates its parameters, and
+    with moe.bias_rate > 0 the router bias moves by the step's global loads (balanced_bias),
+    after the gradient accumulation, so once per step."""
     grad_fn = jax.value_and_grad(make_loss_fn(graphdef, cfg), has_aux=True)
     n_micro = cfg.train.grad_accum
     lr_at = schedule(cfg.train)
 
-    def train_step(params, opt_state, batch, step):
+    def train_step(state, opt_state, batch, step):
+        params, router_bias = nnx.split_state(state, nnx.Param, RouterBias)
         key = None
         if cfg.moe.jitter > 0:
             key = jax.random.fold_in(jax.random.key(cfg.train.seed), step)
         if n_micro == 1:
-            (loss, aux), grads = grad_fn(params, batch, key)
+            (loss, aux), grads = grad_fn(params, router_bias, batch, key)
         else:
             micro = batch.reshape(n_micro, -1, batch.shape[-1])  # [A, B/A, S+1]
 
             def accumulate(grads, mb):
-                (loss, aux), g = grad_fn(params, mb, key)
+                (loss, aux), g = grad_fn(params, router_bias, mb, key)
                 return jax.tree.map(jnp.add, grads, g), (loss, aux)
 
             zeros = jax.tree.map(jnp.zeros_like, params)
@@ -78,7 +86,13 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation):
                 max_load=stats.max_load.max(),
                 load=stats.load,
             )
-        return params, opt_state, metrics
+        if cfg.moe.bias_rate > 0:
+            # One bias per model: that of the scanned unit's MoE block, [U, E].
+            router_bias = jax.tree.map(
+                lambda b: balanced_bias(b, stats.load, cfg.moe.bias_rate), router_bias
+            )
+            (metrics["router_bias"],) = jax.tree.leaves(router_bias)
+        return nnx.merge_state(params, router_bias), opt_state, metrics
 
     return train_step
 

@@ -27,6 +27,7 @@ from sparsemodel import flops, hardware, memory, sharding
 from sparsemodel.checkpoint import Checkpointer, CheckpointError
 from sparsemodel.config import Config, ConfigError, model_record
 from sparsemodel.events import EventLog
+from sparsemodel.health import RoutingHealth
 from sparsemodel.initialize import count, init_opt_state, init_params
 from sparsemodel.optim import make_optimizer
 from sparsemodel.progress import Progress
@@ -136,6 +137,7 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
             if not loop.finite(record):
                 ckpt.wait()
                 raise TrainingError(loop.divergence(record, ckpt.latest_step()))
+            loop.check_routing(step, record)
             if step % t.eval_every == 0 or step == t.steps:
                 record["val_loss"] = loop.validate(eval_step, params, val_batches())
             if metrics is not None:
@@ -192,6 +194,7 @@ class StepLoop:
         self.peak = hardware.peak_flops_per_device()[0] * mesh.size
         self.last_step = t.steps if stop_after is None else min(t.steps, start + stop_after)
         self.progress = Progress(t.steps, start, every=t.log_every)
+        self.health = RoutingHealth(t.log_every, cfg.moe.health_intervals)
         self.step_times: list[float] = []
         self.loss: float | None = None
         self.val_loss: float | None = None
@@ -223,6 +226,16 @@ class StepLoop:
             f"Last good checkpoint: {last_saved if last_saved is not None else 'none'} "
             "(try a lower train.lr)"
         )
+
+    def check_routing(self, step: int, record: dict) -> None:
+        """Adds the routing health counts to the record at the end of each log interval,
+        and shows the health warning when one is due (health.py)."""
+        if "load" not in record:
+            return  # a dense model
+        counts, warning = self.health.add(step, record["load"])
+        record.update(counts)
+        if warning:
+            self.progress.message(warning)
 
     def validate(self, eval_step, params, batches) -> float:
         self.val_loss, _ = evaluate_batches(eval_step, params, batches, self.mesh)

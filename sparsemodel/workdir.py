@@ -1,4 +1,5 @@
-"""A training workdir's own files: the lock and metrics.jsonl.
+"""A workdir's own files: the lock and metrics.jsonl of a training run, and new workdirs
+(or other output directories) built under a temporary name and renamed when complete.
 
 Every file a run writes is written atomically (files.write_atomic), or, for the append-only
 metrics log, tolerated when a crash or a full disk left its last line partial.
@@ -10,8 +11,10 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from sparsemodel.config import ConfigError
@@ -133,3 +136,37 @@ class MetricsLog:
     def close(self) -> None:
         with contextlib.suppress(OSError):  # a full disk already stopped the run
             self._file.close()
+
+
+# ------------------------------------------------------- new directories, all or nothing
+
+
+def refuse_existing(path: Path, what: str) -> None:
+    """ConfigError unless path is absent or an empty directory: nothing is overwritten."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what}: exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        held = "checkpoints" if (path / "checkpoints").exists() else "files"
+        raise ConfigError(f"{what}: already holds {held} (use a new directory)")
+
+
+@contextlib.contextmanager
+def built_beside(dest: Path, what: str) -> Iterator[Path]:
+    """A new directory under a temporary name beside dest, renamed to dest when the block
+    succeeds and removed when it fails, so dest never holds a half-written result."""
+    build = dest.absolute().parent / f".{dest.absolute().name}.partial-{os.getpid()}"
+    try:
+        build.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(build, ignore_errors=True)  # left by a killed run of this same pid
+        build.mkdir()
+    except OSError as e:
+        raise ConfigError(f"{what}: not writable ({e.strerror})") from None
+    try:
+        yield build
+        try:
+            build.rename(dest)  # atomic; replaces an empty directory, never a non-empty one
+        except OSError as e:
+            raise ConfigError(f"{what}: cannot put the result in place ({e.strerror})") from None
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise

@@ -29,24 +29,28 @@ def metric(workdir, name: str = "loss") -> list[float]:
 
 
 def train_meshes(workdir: str, meshes: dict[str, dict]) -> dict:
-    """Trains tiny on each mesh (and routing settings); returns losses, fractions dropped and
-    what each device holds of the experts."""
+    """Trains tiny on each mesh (and routing settings); returns losses, fractions dropped,
+    the router bias after each step (moe.bias_rate > 0, else None) and what each device
+    holds of the experts."""
     out = {}
     for name, mesh in meshes.items():
         cfg = config.load("tiny", {**TINY, **mesh})
         train.run(cfg, Path(workdir) / name, log=lambda s: None)
         run_dir = Path(workdir) / name
         out[name] = {"losses": metric(run_dir), "dropped": metric(run_dir, "dropped")}
+        out[name]["router_bias"] = metric(run_dir, "router_bias") if cfg.moe.bias_rate else None
         # What each device really holds of the born-sharded expert weights.
         mesh_ = sharding.make_mesh(cfg.mesh)
         _, p = initialize.init_params(cfg, mesh_, 0)
-        w_gate = p["units"]["blocks"][0]["ffn"]["w_gate"][...]  # [layers, E, D, F]
+        experts = p["pool"] if cfg.moe.pool == "global" else p["units"]["blocks"][0]["ffn"]
+        w_gate_up = experts["w_gate_up"][...]  # [E, D, 2, F], per layer [layers, E, D, 2, F]
+        axis = w_gate_up.ndim - 4  # the experts'
         held = {}
-        for shard in w_gate.addressable_shards:
-            experts = range(w_gate.shape[1])[shard.index[1]]
-            held.setdefault(str(shard.device.id), set()).update(experts)
+        for shard in w_gate_up.addressable_shards:
+            ids = range(w_gate_up.shape[axis])[shard.index[axis]]
+            held.setdefault(str(shard.device.id), set()).update(ids)
         out[name]["experts_held"] = {d: sorted(e) for d, e in held.items()}
-        out[name]["num_experts"] = w_gate.shape[1]
+        out[name]["num_experts"] = w_gate_up.shape[axis]
     return out
 
 

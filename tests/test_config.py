@@ -143,6 +143,7 @@ BAD_INPUTS = [
     ({"moe.dispatch": "dense"}, "moe.dispatch", "is not one of dropless, capacity"),
     ({"train.dtype": "float16"}, "train.dtype", "is not one of float32, bfloat16"),
     ({"train.remat": "some"}, "train.remat", "is not one of none, full, dots"),
+    ({"moe.pool": "shared"}, "moe.pool", "is not one of layer, global"),
     # -- sizes
     ({"model.d_model": 0}, "model.d_model", "must be positive"),
     ({"model.n_layers": -1}, "model.n_layers", "must be positive"),
@@ -250,6 +251,94 @@ def test_moe_only_checks_are_skipped_for_a_dense_model():
     assert (cfg.moe.top_k, cfg.moe.capacity_factor) == (9, 0.0)  # kept as given, unchecked
     with pytest.raises(config.ConfigError, match=r"^moe\.top_k: 9 exceeds"):
         config.load("tiny", overrides=meaningless)  # with experts, the same values are refused
+
+
+# Token choice's routing options (tiny: 4 experts, top-2), each refused in one line.
+ROUTING_BAD_INPUTS = [
+    ({"moe.score": "relu"}, "moe.score", "is not one of softmax, sigmoid"),
+    ({"moe.lb_scope": "token"}, "moe.lb_scope", "is not one of batch, sequence"),
+    ({"moe.groups": 0}, "moe.groups", "must be >= 1"),
+    ({"moe.groups": 3}, "moe.groups", "3 does not divide moe.num_experts=4"),
+    ({"moe.groups": 2, "moe.topk_groups": 3}, "moe.topk_groups", "must be in [1, moe.groups=2]"),
+    ({"moe.topk_groups": 0}, "moe.topk_groups", "must be in [1, moe.groups=1]"),
+    (
+        {"moe.groups": 4, "moe.topk_groups": 1},
+        "moe.top_k",
+        "2 exceeds the 1 experts of moe.topk_groups=1 groups of 1",
+    ),
+    ({"moe.bias_rate": -0.001}, "moe.bias_rate", "must be >= 0 (0 = no bias)"),
+    ({"moe.route_scale": 0}, "moe.route_scale", "must be positive"),
+    ({"moe.health_intervals": 0}, "moe.health_intervals", "must be >= 1"),
+    *[
+        ({"moe.router": "expert_choice", key: value}, key, "moe.router=topk only")
+        for key, value in (
+            ("moe.score", "sigmoid"),
+            ("moe.groups", 2),
+            ("moe.bias_rate", 0.001),
+            ("moe.route_scale", 2.0),
+            ("moe.lb_scope", "sequence"),
+        )
+    ],
+]
+
+
+@pytest.mark.parametrize(
+    "overrides, key, reason",
+    ROUTING_BAD_INPUTS,
+    ids=[repr(o)[1:-1] for o, _, _ in ROUTING_BAD_INPUTS],
+)
+def test_bad_routing_option_names_its_key_on_one_line(overrides, key, reason):
+    with pytest.raises(config.ConfigError) as exc:
+        config.load("tiny", overrides=overrides)
+    message = str(exc.value)
+    assert "\n" not in message
+    assert message.startswith(f"{key}: "), message
+    assert reason in message, message
+
+
+def test_routing_options_from_the_command_line():
+    cfg = config.load(
+        "tiny",
+        config.parse_overrides(
+            [
+                "moe.num_experts=8",
+                "moe.score=sigmoid",
+                "moe.groups=4",
+                "moe.topk_groups=2",
+                "moe.top_k=4",  # the 4 experts of the 2 groups
+                "moe.bias_rate=1e-3",
+                "moe.route_scale=2.5",
+                "moe.lb_scope=sequence",
+                "moe.health_intervals=3",
+            ]
+        ),
+    )
+    e = cfg.moe
+    assert (e.score, e.groups, e.topk_groups, e.top_k) == ("sigmoid", 4, 2, 4)
+    assert (e.bias_rate, e.route_scale, e.lb_scope, e.health_intervals) == (
+        1e-3,
+        2.5,
+        "sequence",
+        3,
+    )
+
+
+def test_a_config_written_before_the_routing_options_routes_as_it_did(tmp_path):
+    path = tmp_path / "config.yaml"
+    config.dump(config.load("tiny"), path)
+    data = yaml.safe_load(path.read_text())
+    for key in ("score", "groups", "topk_groups", "bias_rate", "route_scale", "lb_scope"):
+        del data["moe"][key]
+    path.write_text(yaml.safe_dump(data))
+    e = config.load_stored(path).moe
+    assert (e.score, e.groups, e.topk_groups, e.bias_rate, e.route_scale, e.lb_scope) == (
+        "softmax",
+        1,
+        1,
+        0.0,
+        1.0,
+        "batch",
+    )
 
 
 # -------------------------------------------------------------------------- layer kinds
@@ -584,6 +673,7 @@ def test_cli_resumes_a_workdir_without_capacity_group_with_batch(tmp_path, monke
             "moe.num_shared=1 (checkpoint: 0), moe.d_shared=8 (checkpoint: 0), "
             "moe.shared_gate=True (checkpoint: False)",
         ),
+        ({"moe.pool": "global"}, "moe.pool=global (checkpoint: layer)"),
         (
             {"moe.d_expert": 32, "model.vocab_size": 300},
             "model.vocab_size=300 (checkpoint: 256), moe.d_expert=32 (checkpoint: 64)",

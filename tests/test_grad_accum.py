@@ -89,3 +89,18 @@ def test_load_balance_loss_is_per_micro_batch():
     assert not np.isclose(whole[1]["lb_loss"], accumulated[1]["lb_loss"], **TOL)
     with pytest.raises(AssertionError, match="Not equal to tolerance"):
         assert_same_step(whole, accumulated)
+
+
+@pytest.mark.slow
+def test_router_bias_moves_once_per_step_by_the_whole_batch():
+    # moe.bias_rate: the bias moves after the accumulation, by the step's loads (the mean of
+    # equal micro-batches' shares), once: from zero, each entry is -rate, 0 or +rate.
+    rate = 0.01
+    whole, accumulated = steps_with_and_without_accumulation(
+        {"moe.dispatch": "dropless", "moe.lb_coef": 0.0, "moe.bias_rate": rate}
+    )
+    assert_same_step(whole, accumulated)  # the router bias among the state's leaves
+    bias = np.asarray(accumulated[0]["units"]["blocks"][0]["ffn"]["router_bias"][...])
+    assert set(np.abs(bias).ravel().tolist()) <= {0.0, np.float32(rate).item()}
+    assert np.abs(bias).max() > 0
+    np.testing.assert_array_equal(bias, accumulated[1]["router_bias"])

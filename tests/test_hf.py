@@ -404,9 +404,13 @@ def test_export_writes_shared_layers_once_per_layer_and_shards(tmp_path):
         ({"model.n_layers": 4, "moe.every": 2}, "layers mixing dense and MoE"),
         ({"moe.first_dense": 1, "model.n_layers": 3}, "layers mixing dense and MoE"),
         ({"moe.num_shared": 1}, "shared experts"),
+        ({"moe.pool": "global"}, "moe.pool=global: one expert pool shared by all layers"),
         ({"moe.router": "expert_choice"}, "moe.router=expert_choice"),
         ({"moe.renormalize": False}, "moe.top_k=2 without moe.renormalize"),
         ({"moe.top_k": 1}, "moe.top_k=1"),
+        ({"moe.score": "sigmoid"}, "moe.score=sigmoid"),
+        ({"moe.groups": 2}, "moe.groups=2 (group-limited routing)"),
+        ({"moe.route_scale": 2.5}, "moe.route_scale=2.5"),
     ],
 )
 def test_export_refuses_what_mixtral_cannot_express(tmp_path, capsys, overrides, message):
@@ -417,6 +421,32 @@ def test_export_refuses_what_mixtral_cannot_express(tmp_path, capsys, overrides,
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Mixtral cannot express" in err and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_a_non_zero_router_bias(tmp_path, capsys):
+    """The bias of moe.bias_rate changes which experts run: a zero one exports (Mixtral's
+    router, same logits), a trained one is refused."""
+    wd = tmp_path / "wd"
+    workdir_at_init(wd, {"moe.bias_rate": 0.001})
+    hf.export_hf(wd, tmp_path / "zero")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "zero")
+    batch = tokens((2, 16))
+    np.testing.assert_allclose(hf_logits(loaded.eval(), batch), our_logits(wd, batch), atol=1e-4)
+
+    ckpt = Checkpointer(wd, async_save=False)
+    r = evaluate.restore(wd)
+    ffn = r.params["units"]["blocks"][0]["ffn"]
+    ffn["router_bias"] = ffn["router_bias"].replace(ffn["router_bias"][...].at[0, 1].set(0.002))
+    ckpt.save(1, r.params, None, {"step": 1})
+    ckpt.close()
+    capsys.readouterr()  # transformers' loading messages
+    assert cli.main(["export-hf", "--workdir", str(wd), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "sparsemodel: error: export-hf: Mixtral cannot express the router bias of "
+        "moe.bias_rate (non-zero in checkpoint step 1)\n"
+    )
     assert not (tmp_path / "out").exists()
 
 

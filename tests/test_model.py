@@ -203,6 +203,7 @@ def test_sequences_in_a_batch_are_independent(overrides):
         pytest.param(CAPACITY, id="capacity_per_sequence"),
         pytest.param({"moe.num_experts": 0, "model.tie_embeddings": True}, id="dense_tied"),
         pytest.param(QWEN_LIKE, id="head_dim_bias_qk_norm_llama3_gated_shared"),
+        pytest.param({"moe.pool": "global", "moe.num_experts": 6}, id="pool"),
         pytest.param(
             {"moe.first_dense": 1, "model.n_layers": 3}, id="first_dense", marks=pytest.mark.slow
         ),
@@ -384,3 +385,87 @@ def test_scan_copies_no_layer_slice_of_the_expert_weights():
     made = r"\{[\d,]*\} (dynamic-slice|dynamic-update-slice|fusion|copy|broadcast)\("
     layer_slices = re.findall(r"= f32\[(?:1,)*6,(?:64,2,48|64,96|48,64)\]" + made, hlo)
     assert not layer_slices, f"{len(layer_slices)} ops make a layer's expert weights"
+
+
+# ----------------------------------------------- one expert pool shared by every MoE layer
+
+POOL = {**EXPERT_STACK, "moe.pool": "global"}
+
+
+def _per_layer_twin(pool_lm) -> model.Transformer:
+    """The reference for a moe.pool=global model: a moe.pool=layer model with its weights in
+    which every MoE layer's experts are a copy of the pool."""
+    cfg = pool_lm.cfg.replace({"moe.pool": "layer"})
+    graphdef, state = nnx.split(
+        nnx.eval_shape(lambda: model.Transformer.from_config(cfg, rngs=nnx.Rngs(0)))
+    )
+    weights = nnx.to_pure_dict(nnx.state(pool_lm))
+    pool = weights.pop("pool")
+    for block in weights["units"]["blocks"].values():
+        if "w_router" in block["ffn"]:
+            n_unique = block["ffn"]["w_router"].shape[0]
+            for name, w in pool.items():
+                block["ffn"][name] = jnp.broadcast_to(w, (n_unique, *w.shape))
+    nnx.replace_by_pure_dict(state, weights)
+    return nnx.merge(graphdef, state)
+
+
+def _moe_blocks(tree):
+    """The MoE blocks' ffn nodes of a params tree (its units' blocks that hold a router)."""
+    return [b["ffn"] for b in tree["units"]["blocks"].values() if "w_router" in b["ffn"]]
+
+
+SHARED = {"model.n_layers": 4, "model.share_layers": 2}
+EVERY = {"moe.every": 2, "moe.first_dense": 1, "model.n_layers": 5}
+
+
+@pytest.mark.parametrize(
+    "overrides, in_place",
+    [
+        pytest.param({}, True, id="in_place"),
+        pytest.param({}, False, id="slices"),  # the kernels' reading under a mesh
+        pytest.param(SHARED, True, id="share_layers_in_place"),
+        pytest.param(SHARED, False, id="share_layers_slices"),
+        pytest.param(
+            {"moe.dispatch": "capacity", "moe.capacity_factor": 1.0}, False, id="capacity"
+        ),
+        pytest.param(EVERY, True, id="every", marks=pytest.mark.slow),
+        pytest.param(EVERY, False, id="every_slices", marks=pytest.mark.slow),
+        pytest.param(
+            {"moe.grouped_matmul": "batched"}, False, id="batched", marks=pytest.mark.slow
+        ),
+        pytest.param({"train.remat": "full"}, True, id="remat", marks=pytest.mark.slow),
+    ],
+)
+def test_pool_equals_every_layer_holding_a_copy_and_gets_their_summed_gradient(
+    overrides, in_place, monkeypatch
+):
+    choose = kernels.choose
+    no_stack = lambda cfg: dataclasses.replace(choose(cfg), experts_in_place=False)  # noqa: E731
+    if not in_place:  # as under a mesh: the pool goes in as each MoE layer's weights
+        monkeypatch.setattr(kernels, "choose", no_stack)
+    singles = []
+    single = gm.StackedExperts.single
+    monkeypatch.setattr(gm.StackedExperts, "single", lambda *w: singles.append(1) or single(*w))
+    lm = make_lm(**POOL, **overrides)
+    tokens = random_tokens(BATCH, SEQ)
+    fn, state = _loss_and_grads(lm, tokens)
+    loss, grads = fn(state)
+    if in_place:
+        assert not singles, "the scan should have handed the layers the pool as a stack"
+    twin_fn, twin_state = _loss_and_grads(_per_layer_twin(lm), tokens)
+    want_loss, want = twin_fn(twin_state)
+
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+    grads, want = nnx.to_pure_dict(grads), nnx.to_pure_dict(want)
+    tol = {"rtol": 1e-5, "atol": 1e-7}
+    layers_hold = [{n: ffn.pop(n) for n in ("w_gate_up", "w_down")} for ffn in _moe_blocks(want)]
+    for name, g in grads.pop("pool").items():
+        summed = sum(np.asarray(held[name], np.float64).sum(0) for held in layers_hold)
+        assert np.abs(summed).max() > 0
+        np.testing.assert_allclose(np.asarray(g), summed, err_msg=name, **tol)
+    flat_want = dict(jax.tree_util.tree_leaves_with_path(want))
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        np.testing.assert_allclose(
+            np.asarray(g), np.asarray(flat_want[path]), err_msg=str(path), **tol
+        )

@@ -42,7 +42,9 @@ def make_layer(seed=0, **moe_overrides) -> moe.MoE:
     graphdef, state = nnx.split(nnx.eval_shape(lambda: moe.MoE(cfg, rngs=nnx.Rngs(seed))))
     rng = np.random.default_rng(seed)
 
-    def draw(s):  # every weight here is [..., fan_in, fan_out]
+    def draw(s):  # every weight here is [..., fan_in, fan_out]; the router bias [E] is 0
+        if s.ndim == 1:
+            return jnp.zeros(s.shape, jnp.float32)
         return jnp.asarray(rng.normal(0.0, s.shape[-2] ** -0.5, s.shape), jnp.float32)
 
     return nnx.merge(graphdef, jax.tree.map(draw, state))
@@ -529,13 +531,15 @@ def test_router_gets_gradient_from_output(dispatch, k):
     assert np.linalg.norm(g) > 1e-6
 
 
-def _dense_jax_reference(params, x, k):
+def _dense_jax_reference(params, x, k, scores=jax.nn.softmax, scale=1.0):
     """Differentiable dense reference in JAX (every expert on every token, renormalised
-    top-k combine; the choice of experts is piecewise constant, as in the layer)."""
-    probs = jax.nn.softmax(x @ params["w_router"], axis=-1)
+    top-k combine times scale; the choice of experts is piecewise constant, as in the
+    layer). scores: the router's logits -> scores function."""
+    probs = scores(x @ params["w_router"])
     top_p, top_e = jax.lax.top_k(probs, k)
     if k > 1:
         top_p = top_p / top_p.sum(-1, keepdims=True)
+    top_p = top_p * scale
     w_te = jnp.zeros_like(probs).at[jnp.arange(x.shape[0])[:, None], top_e].add(top_p)
     g = jnp.einsum("td,edf->etf", x, params["w_gate_up"][:, :, 0])
     u = jnp.einsum("td,edf->etf", x, params["w_gate_up"][:, :, 1])
@@ -805,3 +809,11 @@ def test_counted_block_form_equals_the_per_expert_loops(block):
     for g, w_ in zip(got[1], want[1], strict=True):  # summation order differs (GPU: 1.5e-5)
         np.testing.assert_allclose(np.asarray(g), np.asarray(w_), rtol=5e-5, atol=1e-5)
     assert not np.any(np.asarray(got[1][1])[[1, 4]]), "experts without rows get zero gradient"
+
+    def recomputed(x, *w):  # the backward recomputes each block's gate/up product
+        stack = gm.StackedExperts.single(*w)
+        return jnp.sum(jnp.sin(gm.loop_swiglu(x, blocks, block, stack, recompute=True)[0]))
+
+    again = jax.value_and_grad(recomputed, argnums=(0, 1, 2))(x, *w)
+    for g, g_ in zip(jax.tree.leaves(again), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(g_))

@@ -10,7 +10,7 @@ import jax
 import pytest
 from flax import nnx
 
-from sparsemodel import cli, config, flops, hardware, kernels, model, profile
+from sparsemodel import cli, config, flops, hardware, initialize, kernels, model, profile, sharding
 from sparsemodel.steps import make_train_step
 
 
@@ -78,6 +78,25 @@ def test_sharing_keeps_flops_and_cuts_unique_parameters():
     layer = a.breakdown["attention"] // 4 + a.breakdown["experts"] // 4
     assert a.unique - b.unique == 2 * (layer + 64 * 4 + 2 * 64)
     assert flops.model_flops_per_token(base) == flops.model_flops_per_token(shared)
+
+
+@pytest.mark.parametrize("share", [0, 2])
+def test_a_global_expert_pool_counts_once_and_costs_what_per_layer_experts_cost(share):
+    # tiny, 4 layers, with 8 experts: one pool of 8 that every layer routes into.
+    layered = config.load(
+        "tiny", {"model.n_layers": 4, "model.share_layers": share, "moe.num_experts": 8}
+    )
+    pooled = layered.replace({"moe.pool": "global"})
+    a, b = flops.param_counts(layered), flops.param_counts(pooled)
+    pool = 3 * 64 * 64 * 8  # gate, up, down of 8 experts of width 64 = 98,304
+    unique_layers = share or 4
+    assert b.breakdown["experts"] == pool
+    assert a.unique - b.unique == (unique_layers - 1) * pool
+    assert b.total == b.unique + (a.total - a.unique) - (4 - unique_layers) * pool
+    assert b.active_per_token == a.active_per_token  # still top-2 of 8 per layer
+    assert flops.model_flops_per_token(pooled) == flops.model_flops_per_token(layered)
+    _, shapes = initialize.abstract_params(pooled, sharding.abstract_mesh(pooled.mesh))
+    assert initialize.count(shapes) == b.unique
 
 
 def test_model_flops_formula():

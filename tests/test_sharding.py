@@ -63,6 +63,28 @@ ROUTING = {
     # Picks among the tokens of an expert group: those of one device only when mesh.expert
     # covers every batch shard (data = fsdp = 1), as on its mesh below.
     "expert_choice": {"moe.router": "expert_choice"},
+    # One pool of 8 experts that both layers route into (moe.pool=global), sharded over
+    # `expert` like a layer's own; with capacity, and its layers shared (two passes).
+    "pool": {"moe.pool": "global", "moe.num_experts": 8},
+    "pool_capacity_shared": {
+        "moe.pool": "global",
+        "moe.num_experts": 8,
+        "moe.dispatch": "capacity",
+        "moe.capacity_factor": 1.0,
+        "model.n_layers": 4,
+        "model.share_layers": 2,
+    },
+    # DeepSeek-V3's routing: its balancing bias moves by the global batch's loads, so it is
+    # the same after every step on any mesh.
+    "deepseek": {
+        "moe.num_experts": 8,
+        "moe.score": "sigmoid",
+        "moe.groups": 4,
+        "moe.topk_groups": 2,
+        "moe.bias_rate": 0.01,
+        "moe.route_scale": 2.0,
+        "moe.lb_scope": "sequence",
+    },
 }
 
 MESHES = {  # name: (routing, mesh)
@@ -86,22 +108,32 @@ MESHES = {  # name: (routing, mesh)
         "expert_choice",
         {"mesh.data": 1, "mesh.expert": 4, "mesh.tensor": 2},
     ),
+    "pool_data2_expert4": ("pool", {"mesh.data": 2, "mesh.expert": 4}),
+    "pool_capacity_shared_fsdp2_expert2_tensor2": (
+        "pool_capacity_shared",
+        {"mesh.data": 1, "mesh.fsdp": 2, "mesh.expert": 2, "mesh.tensor": 2},
+    ),
+    "deepseek_data2_expert4": ("deepseek", {"mesh.data": 2, "mesh.expert": 4}),
 }
 
 
 @pytest.mark.slow
 def test_same_losses_on_every_mesh_and_experts_are_split(tmp_path):
     """Dropless and capacity-per-sequence training give the single-device losses on any
-    mesh; expert choice does where mesh.expert covers all batch shards (its mesh here)."""
+    mesh, with each layer's experts or one pool for all; expert choice does where
+    mesh.expert covers all batch shards (its mesh here); the router bias of moe.bias_rate
+    is the single-device one after every step, exactly."""
     single = worker("train_meshes", 1, workdir=str(tmp_path / "single"), meshes=ROUTING)
     meshes = {name: {**ROUTING[routing], **mesh} for name, (routing, mesh) in MESHES.items()}
     multi = worker("train_meshes", 8, workdir=str(tmp_path), meshes=meshes)
     assert all(len(res["losses"]) == 5 for res in single.values())
     assert min(single["capacity"]["dropped"]) > 0, "capacity should drop assignments"
+    assert np.abs(single["deepseek"]["router_bias"][-1]).max() > 0, "the bias should move"
     for name, res in multi.items():
         want = single[MESHES[name][0]]
         close(res["losses"], want["losses"])  # float32, 1e-4 relative
         close(res["dropped"], want["dropped"])
+        assert res["router_bias"] == want["router_bias"], name  # None without a bias
         held = res["experts_held"]
         assert len(held) == 8
         expert_size = meshes[name].get("mesh.expert", 1)

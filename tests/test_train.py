@@ -77,6 +77,16 @@ def test_resumed_run_continues_the_exact_curve(tmp_path):
     assert full.train_loss == rest.train_loss
 
 
+@pytest.mark.slow
+def test_a_global_expert_pool_trains_and_resumes_the_exact_curve(tmp_path):
+    cfg = tiny(**{"moe.pool": "global", "moe.num_experts": 8})
+    train.run(cfg, tmp_path / "full", log=lambda s: None)
+    train.run(cfg, tmp_path / "resumed", stop_after=4, log=lambda s: None)
+    train.run(cfg, tmp_path / "resumed", log=lambda s: None)
+    assert losses(tmp_path / "full") == losses(tmp_path / "resumed")
+    assert losses(tmp_path / "full")[-1][1] < losses(tmp_path / "full")[0][1]
+
+
 def test_training_reduces_loss_and_eval_reports_it(tmp_path):
     cfg = tiny(**{"train.steps": 20, "train.checkpoint_every": 10, "train.eval_every": 10})
     result = train.run(cfg, tmp_path, log=lambda s: None)
