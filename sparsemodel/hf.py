@@ -72,7 +72,6 @@ from sparsemodel.hf_families import (
     export_family,
     read_json_object,
 )
-
 from sparsemodel.workdir import built_beside, refuse_existing
 
 MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size for save_pretrained

@@ -444,8 +444,8 @@ def test_export_refuses_a_non_zero_router_bias(tmp_path, capsys):
     assert cli.main(["export-hf", "--workdir", str(wd), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err == (
-        "sparsemodel: error: export-hf: Mixtral cannot express the router bias of "
-        "moe.bias_rate (non-zero in checkpoint step 1)\n"
+        "sparsemodel: error: export-hf: no Hugging Face family expresses the router bias "
+        "of moe.bias_rate (non-zero in checkpoint step 1)\n"
     )
     assert not (tmp_path / "out").exists()
 
