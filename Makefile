@@ -32,11 +32,14 @@ train: install
 	$(BIN)/sparsemodel eval --workdir $(WORKDIR)
 	$(BIN)/sparsemodel generate --workdir $(WORKDIR) --prompt 'def main(' --max-new-tokens 200
 
+# One pytest worker per core, up to 4: most tests wait on compiles and subprocesses.
+PYTEST := $(BIN)/pytest -q -n auto --maxprocesses 4
+
 test: install-extras
-	$(BIN)/pytest -q
+	$(PYTEST)
 
 test-fast: install-extras
-	$(BIN)/pytest -q -m 'not slow'
+	$(PYTEST) -m 'not slow'
 
 # Ratios measured in one run (MoE vs dense step and layer, expert scaling, FLOPs, MFU, decode).
 bench: install-extras

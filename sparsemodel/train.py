@@ -27,6 +27,7 @@ from sparsemodel import flops, hardware, memory, sharding
 from sparsemodel.checkpoint import Checkpointer, CheckpointError
 from sparsemodel.config import Config, ConfigError, model_record
 from sparsemodel.events import EventLog
+from sparsemodel.files import StorageError
 from sparsemodel.health import RoutingHealth
 from sparsemodel.initialize import count, init_opt_state, init_params
 from sparsemodel.optim import make_optimizer
@@ -90,13 +91,15 @@ def run(
 
 def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -> TrainResult:
     t = cfg.train
-    is_lead = jax.process_index() == 0
 
     # --- data ----------------------------------------------------------------------------
     corpus = data_lib.load_tokenized_corpus(cfg, workdir, log)
     data_lib.check_length(corpus.train, t.seq_len, t.batch_size, "train", cfg.data.source)
     data_lib.check_token_ids(cfg.data.source, cfg.model.vocab_size, corpus.train, corpus.val)
     train_iter = data_lib.train_iterator(corpus.train, t.seq_len, t.batch_size, t.seed, *_process())
+    val_batches = lambda: data_lib.eval_batches(  # noqa: E731
+        corpus.val, t.seq_len, t.batch_size, t.eval_batches, *_process()
+    )
 
     # --- model and optimizer: created in their shardings, then restored if saved -----
     graphdef, params = init_params(cfg, mesh, t.seed)
@@ -104,13 +107,11 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
     opt_state = init_opt_state(tx, params, mesh)
     ckpt = Checkpointer(workdir, keep=t.keep_checkpoints)
     start, params, opt_state = restore_newest(cfg, ckpt, params, opt_state, train_iter, log)
-    metrics_path = workdir / "metrics.jsonl"
-    if is_lead:
-        truncate_metrics(metrics_path, start, log)
+    if jax.process_index() == 0:
+        truncate_metrics(workdir / "metrics.jsonl", start, log)
 
     # --- the compiled step, and what it costs ---------------------------------------------
     train_step = jax.jit(make_train_step(graphdef, cfg, tx), donate_argnums=(0, 1))
-    eval_step = jax.jit(make_eval_step(graphdef))
     first = sharding.put_batch(
         np.zeros((t.batch_size // jax.process_count(), t.seq_len + 1), np.int32), mesh
     )
@@ -121,18 +122,22 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
 
     # --- the loop ---------------------------------------------------------------------------
     loop = StepLoop(cfg, mesh, start, stop_after, t_start)
+    steps = (compiled, jax.jit(make_eval_step(graphdef)))
+    _loop(cfg, workdir, loop, ckpt, steps, params, opt_state, train_iter, val_batches)
+    return loop.result(data_lib.unigram_entropy(corpus.val))
+
+
+def _loop(cfg, workdir, loop, ckpt, steps, params, opt_state, train_iter, val_batches) -> None:
+    """Steps from loop's start to loop.last_step: log, validate and checkpoint as due."""
+    t, (train_step, eval_step) = cfg.train, steps
     stop = StopRequest()  # SIGTERM / SIGINT: checkpoint this step, then exit cleanly
-    metrics = MetricsLog(metrics_path) if is_lead else None
-    events = EventLog(workdir, start + 1) if is_lead else None
-    val_batches = lambda: data_lib.eval_batches(  # noqa: E731
-        corpus.val, t.seq_len, t.batch_size, t.eval_batches, *_process()
-    )
+    logs = RunLogs(workdir, loop.start + 1) if jax.process_index() == 0 else None
     try:
-        for step in range(start + 1, loop.last_step + 1):
+        for step in range(loop.start + 1, loop.last_step + 1):
             ckpt.check_saved()  # a background save that failed stops the run now
-            batch = sharding.put_batch(next(train_iter), mesh)
+            batch = sharding.put_batch(next(train_iter), loop.mesh)
             t0 = time.perf_counter()
-            params, opt_state, m = compiled(params, opt_state, batch, jnp.int32(step))
+            params, opt_state, m = train_step(params, opt_state, batch, jnp.int32(step))
             record = loop.record(step, jax.device_get(m), time.perf_counter() - t0)
             if not loop.finite(record):
                 ckpt.wait()
@@ -140,9 +145,8 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
             loop.check_routing(step, record)
             if step % t.eval_every == 0 or step == t.steps:
                 record["val_loss"] = loop.validate(eval_step, params, val_batches())
-            if metrics is not None:
-                metrics.write(record)
-                events.write(step, record)
+            if logs is not None:
+                logs.write(step, record, ckpt)
             loop.show(step, record)
             if step % t.checkpoint_every == 0 or step == loop.last_step or stop.signal:
                 meta = {"step": step, "data": train_iter.get_state(), "seed": t.seed}
@@ -155,11 +159,9 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
     finally:
         stop.release()
         loop.progress.close()
-        for log_file in (metrics, events):
-            if log_file is not None:
-                log_file.close()
+        if logs is not None:
+            logs.close()
         ckpt.close_quietly()
-    return loop.result(data_lib.unigram_entropy(corpus.val))
 
 
 def restore_newest(cfg: Config, ckpt: Checkpointer, params, opt_state, train_iter, log):
@@ -187,7 +189,7 @@ class StepLoop:
 
     def __init__(self, cfg: Config, mesh, start: int, stop_after: int | None, t_start: float):
         t = cfg.train
-        self.cfg, self.mesh, self.t_start = cfg, mesh, t_start
+        self.cfg, self.mesh, self.start, self.t_start = cfg, mesh, start, t_start
         self.tokens_per_step = t.batch_size * t.seq_len
         # MFU: model FLOPs (PaLM convention) against the devices' peak (measured on CPU).
         self.flops_per_step = flops.model_flops_per_token(cfg) * self.tokens_per_step
@@ -268,6 +270,26 @@ class StepLoop:
 
 
 # ------------------------------------------------------------------------- helpers
+
+
+class RunLogs:
+    """Process 0's record of the run: metrics.jsonl and the TensorBoard events."""
+
+    def __init__(self, workdir: Path, first_step: int):
+        self.metrics = MetricsLog(workdir / "metrics.jsonl")
+        self.events = EventLog(workdir, first_step)
+
+    def write(self, step: int, record: dict, ckpt: Checkpointer) -> None:
+        try:
+            self.metrics.write(record)
+            self.events.write(step, record)
+        except StorageError:
+            ckpt.wait()  # a background save that filled the disk is the cause: name it
+            raise
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.events.close()
 
 
 class StopRequest:
