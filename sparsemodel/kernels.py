@@ -68,6 +68,10 @@ def choose(cfg: Config) -> Kernels:
             and cfg.moe.router == "topk"
             and (mesh.empty or mesh.size == 1)
         ),
+        # The CPU loop is bound by memory traffic: recomputing a block's gate/up product
+        # costs less than writing, zeroing and reading back an [R, 2F] buffer of them
+        # (measured at every bench size, experiments/README.md).
+        recompute_gate_up=grouped == "blocks",
     )
 
 
