@@ -52,10 +52,11 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x):
         # Normalise in float32 whatever the compute dtype: bf16 variance loses precision.
-        x32 = x.astype(jnp.float32)
-        over = tuple(range(-self.scale.ndim, 0))  # a mean over a sharded axis is reduced by XLA
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=over, keepdims=True) + self.eps)
-        return (x32 * self.scale[...]).astype(x.dtype)
+        with jax.named_scope("norm"):  # names its ops in profiles
+            x32 = x.astype(jnp.float32)
+            over = tuple(range(-self.scale.ndim, 0))  # a mean over a sharded axis: XLA reduces
+            x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=over, keepdims=True) + self.eps)
+            return (x32 * self.scale[...]).astype(x.dtype)
 
 
 def rope_frequencies(m: ModelConfig) -> np.ndarray:
@@ -199,7 +200,8 @@ class MLP(nnx.Module):
         self.w_down = param(rngs, (d_ff, d_model), ("mlp", "embed"), out_std)
 
     def __call__(self, x_nd):
-        return swiglu(x_nd, self.w_gate[...], self.w_up[...], self.w_down[...])
+        with jax.named_scope("mlp"):  # names its ops in profiles
+            return swiglu(x_nd, self.w_gate[...], self.w_up[...], self.w_down[...])
 
 
 def swiglu(x_nd, w_gate, w_up, w_down):
