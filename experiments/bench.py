@@ -854,7 +854,7 @@ def main(argv=None) -> int:
         ap.error(f"--repeats {args.repeats}: each figure is a median of at least 3 rounds")
     heap_kept = host_heap.keep_freed_heap()  # as `sparsemodel train` does, before JAX starts
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    t0 = time.perf_counter()
+    t0, clocks0 = time.perf_counter(), bench_record.cpu_clocks()
     figures: dict = {}
     rows: list[tuple[str, str, str]] = []
     try:
@@ -869,8 +869,10 @@ def main(argv=None) -> int:
         return 2
     figures["host_heap_kept"] = heap_kept
     _print_table(figures, rows)
+    wall_s = time.perf_counter() - t0
     record = bench_record.run_context(args.repeats, args.quick) | {
-        "wall_s": time.perf_counter() - t0,
+        "wall_s": wall_s,
+        "others_cpu_share": bench_record.others_cpu_share(clocks0, wall_s),
         "configs": {f"d{d}": size_overrides(d) for d in SIZES},
         "figures": figures,
     }

@@ -52,6 +52,31 @@ def run_context(repeats: int, quick: bool) -> dict:
     }
 
 
+def busy_cpu_s(stat: Path = Path("/proc/stat")) -> float | None:
+    """CPU seconds every process on the machine has used since boot (None off Linux)."""
+    try:
+        fields = stat.read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[:7])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_clocks() -> tuple[float | None, float]:
+    """(CPU seconds of the whole machine, of this process and its waited-for children)."""
+    return busy_cpu_s(), sum(os.times()[:4])
+
+
+def others_cpu_share(start: tuple[float | None, float], wall_s: float) -> float | None:
+    """The share of the machine's cores that other processes used since `start`
+    (cpu_clocks()): what the run competed with, 0 on a quiet machine."""
+    (busy_start, own_start), (busy_end, own_end) = start, cpu_clocks()
+    if busy_start is None or busy_end is None or wall_s <= 0:
+        return None
+    others = (busy_end - busy_start) - (own_end - own_start)
+    return max(0.0, others) / (wall_s * (os.cpu_count() or 1))
+
+
 def _git_state() -> tuple[str | None, bool | None]:
     """HEAD's hash, and whether tracked files differ from it (results/ aside: each run
     changes results/bench.jsonl); (None, None) outside a git checkout."""

@@ -113,3 +113,27 @@ def test_cpu_model_is_read_from_cpuinfo(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU @ 2.0GHz\nflags\t: sse\n")
     assert record.cpu_model(cpuinfo) == "Some CPU @ 2.0GHz"
+
+
+def test_busy_cpu_counts_every_state_but_idle_and_iowait(tmp_path):
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal ...
+    stat.write_text("cpu  100 20 30 5000 400 6 4 0 0 0\ncpu0 50 10 15 2500 200 3 2 0 0 0\n")
+    tick = __import__("os").sysconf("SC_CLK_TCK")
+    assert record.busy_cpu_s(stat) == pytest.approx(160 / tick)
+    assert record.busy_cpu_s(tmp_path / "missing") is None
+
+
+def test_a_run_beside_a_busy_process_records_the_share_it_used(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    start, t0 = record.cpu_clocks(), time.perf_counter()
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # not waited for
+    time.sleep(1.5)
+    share = record.others_cpu_share(start, time.perf_counter() - t0)
+    spinner.kill()
+    spinner.wait()
+    cores = __import__("os").cpu_count()
+    assert share is not None and share > 0.5 / cores, share  # one core, most of the time
