@@ -165,9 +165,14 @@ def headline_value(figures: dict, name: str) -> float | None:
     return min(per_size) if name.startswith("step_efficiency") else max(per_size)
 
 
+BUSY = 0.05  # others' share of the cores above which a run's label says it was not alone
+
+
 def _run_label(record: dict) -> str:
     commit = (record.get("commit") or "?")[:7] + ("+" if record.get("dirty") else "")
+    busy = (record.get("others_cpu_share") or 0) > BUSY
     tags = [t for t, on in (("old", record.get("old_bench")), ("quick", record.get("quick"))) if on]
+    tags += [f"busy {record['others_cpu_share']:.0%}"] if busy else []
     return f"{str(record.get('utc', '?'))[:16]} {commit}" + (f" ({','.join(tags)})" if tags else "")
 
 
@@ -191,6 +196,8 @@ def history_table(records: list[dict]) -> str:
         lines.append(f"{_run_label(record):<{label_width}} " + "".join(cells))
     lines.append(
         "! misses its target. Per-size figures (effD, effM, effM@D) show the worst of d_model "
-        f"{', '.join(map(str, SIZES))}. +: uncommitted changes. old: the bench before issue #18."
+        f"{', '.join(map(str, SIZES))}. +: uncommitted changes. old: the bench before issue #18. "
+        "busy: other processes used that share of the cores during the run (recorded since "
+        "2026-12-02 15:05)."
     )
     return "\n".join(lines)
