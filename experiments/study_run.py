@@ -266,7 +266,7 @@ def _calibrate_size(size, twin, others, chosen, paths, repeats):
     twin_times = []
     for key, run in others.items():
         runner = bench._train_step_runner(run.config())
-        rounds = [bench.alternate({"run": runner, "twin": twin_runner}, 1) for _ in range(repeats)]
+        rounds = bench.alternate({"run": runner, "twin": twin_runner}, repeats)
         times = [r["run"] for r in rounds]
         twins = [r["twin"] for r in rounds]
         twin_times += twins
@@ -279,7 +279,7 @@ def _calibrate_size(size, twin, others, chosen, paths, repeats):
         )
         del runner
     if not others:  # only the dense twin itself: time it alone
-        twin_times = [bench.alternate({"twin": twin_runner}, 1)["twin"] for _ in range(repeats)]
+        twin_times = [r["twin"] for r in bench.alternate({"twin": twin_runner}, repeats)]
     dense_names = [r.name for r in chosen if timing_key(r.overrides) == timing_key(twin)]
     _append(paths, _timing_record(timing_key(twin), dense_names, size, twin_times, twin_times))
 

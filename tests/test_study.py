@@ -366,3 +366,20 @@ def test_report_draws_every_plot_and_table_from_finished_runs(tmp_path):
     assert f"from {len(runs)} of {len(runs)} runs" in block
     assert "| gpu-moe8 | cpu |" in block
     assert block.count("#### ") == 8 and "(fewer than" not in block
+
+
+@pytest.mark.slow
+def test_calibration_times_each_shape_against_its_dense_twin(tmp_path, capsys):
+    """--calibrate compiles each shape and its size's dense twin and times them in turn:
+    one record per shape, the twin's with ratio 1, each with every round's time."""
+    argv = ["--calibrate", "--only", "d32-dense", "d32-moe8", "--repeats", "3"]
+    assert study.main([*argv, "--out", str(tmp_path)]) == 0
+    paths = study.Paths.under(tmp_path)
+    records = [json.loads(x) for x in (paths.results / "step_times.jsonl").read_text().splitlines()]
+    by_name = {tuple(r["names"]): r for r in records}
+    assert set(by_name) == {("d32-dense",), ("d32-moe8",)}
+    for r in records:
+        assert len(r["step_s"]["all"]) == len(r["twin_step_s"]["all"]) == 3
+        assert 0 < r["step_s"]["min"] <= r["step_s"]["median"] <= r["step_s"]["max"]
+    assert by_name[("d32-dense",)]["ratio"] == 1.0
+    assert "d32-moe8:" in capsys.readouterr().out
