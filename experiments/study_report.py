@@ -322,12 +322,8 @@ def experts_points(res: Results) -> list[dict]:
 def experts_section(points: list[dict], table) -> tuple[list[str], tuple | None]:
     """Loss against total parameters at fixed active parameters, with the power-law fit
     and its exponent's bootstrap interval."""
-    if len({p["total_params"] for p in points}) < 2:
-        return ["(fewer than two sizes of the experts part have finished: no fit yet)"], None
-    n = [p["total_params"] for p in points]
-    loss = [p["final_val_loss"] for p in points]
-    fit = fit_power_law(n, loss)
-    lo, hi, kept = bootstrap_alpha(n, loss, fit)
+    if not points:
+        return ["(no run of the experts part has finished: no fit yet)"], None
     dense = next((p for p in points if p["arm"] == "dense" and p["seed"] == 0), None)
     rows = [
         {
@@ -338,6 +334,14 @@ def experts_section(points: list[dict], table) -> tuple[list[str], tuple | None]
         }
         for p in sorted(points, key=lambda p: (p["total_params"], p["seed"]))
     ]
+    n_sizes = len({p["total_params"] for p in points})
+    if n_sizes < 3:  # a line through two points has no uncertainty to estimate
+        why = f"{n_sizes} number(s) of experts finished: no fit until 3 have"
+        return [table(rows, EXPERT_COLUMNS), "", f"({why})"], None
+    n = [p["total_params"] for p in points]
+    loss = [p["final_val_loss"] for p in points]
+    fit = fit_power_law(n, loss)
+    lo, hi, kept = bootstrap_alpha(n, loss, fit)
     lines = [
         table(rows, EXPERT_COLUMNS),
         "",

@@ -383,3 +383,25 @@ def test_calibration_times_each_shape_against_its_dense_twin(tmp_path, capsys):
         assert 0 < r["step_s"]["min"] <= r["step_s"]["median"] <= r["step_s"]["max"]
     assert by_name[("d32-dense",)]["ratio"] == 1.0
     assert "d32-moe8:" in capsys.readouterr().out
+
+
+def test_two_numbers_of_experts_show_their_table_but_no_fit():
+    def point(name, experts, total, loss):
+        arm = "dense" if experts == 0 else f"moe{experts}"
+        return {
+            "name": name,
+            "arm": arm,
+            "seed": 0,
+            "total_params": total,
+            "active_params": 1000,
+            "final_val_loss": loss,
+            "config": {"moe": {"num_experts": experts}},
+        }
+
+    table = lambda rows, columns: " ".join(r["label"] for r in rows)  # noqa: E731
+    points = [point("d48-dense", 0, 172_464, 1.33), point("d48-moe8", 8, 505_776, 1.28)]
+    lines, fit = study_report.experts_section(points, table)
+    assert fit is None and lines[0] == "d48-dense d48-moe8"
+    assert "no fit until 3" in lines[-1]
+    lines, fit = study_report.experts_section([*points, point("d48-moe4", 4, 283_824, 1.30)], table)
+    assert fit is not None and "Fit over 3 points" in "\n".join(lines)
