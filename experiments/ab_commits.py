@@ -15,12 +15,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from bench_record import cpu_model  # experiments/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results" / "ab_commits.jsonl"
@@ -29,16 +30,6 @@ CONFIGS = {
     "small": ["--config", "small"],
     "small-32-experts": ["--config", "small", "--set", "moe.num_experts=32"],
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def checkout(commit: str, where: Path) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 
 import jax
+from bench_record import cpu_model  # experiments/ is on sys.path
 from study import (
     EVALS,
     PRESET,
@@ -53,17 +53,6 @@ def code_version() -> dict:
         "status", "--porcelain", "--untracked-files=no", "--", "sparsemodel", "experiments"
     )
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed)}
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def provenance() -> dict:
