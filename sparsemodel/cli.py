@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -195,9 +196,10 @@ def _train(args) -> int:
     _init_distributed(args)
     result = train.run(cfg, workdir, stop_after=args.stop_after)
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+    loss = "n/a" if math.isnan(result.train_loss) else f"{result.train_loss:.4f}"  # no step ran
     print(
-        f"trained to step {result.step} in {result.wall_s:.0f}s: train loss "
-        f"{result.train_loss:.4f}, validation loss {val}, "
+        f"trained to step {result.step} in {result.wall_s:.0f}s: train loss {loss}, "
+        f"validation loss {val}, "
         f"{result.tokens_per_s:,.0f} tokens/s; workdir {workdir}"
     )
     print(

@@ -64,6 +64,9 @@ def run(
     """
     t_start = time.perf_counter()
     t = cfg.train
+    # SIGTERM / SIGINT from here on: stop at the next safe point. A KeyboardInterrupt raised
+    # while XLA compiles can land in a callback that swallows it, and the run went on.
+    stop = StopRequest()
 
     # --- workdir: ours alone for the run (process 0 holds the lock for all) ------------
     workdir = make_workdir(workdir)
@@ -83,13 +86,14 @@ def run(
         if jax.process_index() == 0:
             config_lib.dump(cfg, workdir / "config.yaml")
         with jax.set_mesh(mesh):
-            return _train_on_mesh(cfg, workdir, mesh, stop_after, log, t_start)
+            return _train_on_mesh(cfg, workdir, mesh, stop_after, log, (t_start, stop))
     finally:
+        stop.release()
         if lock is not None:
             lock.release()
 
 
-def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -> TrainResult:
+def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, started) -> TrainResult:
     t = cfg.train
 
     # --- data ----------------------------------------------------------------------------
@@ -121,7 +125,7 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
         log(line)
 
     # --- the loop ---------------------------------------------------------------------------
-    loop = StepLoop(cfg, mesh, start, stop_after, t_start)
+    loop = StepLoop(cfg, mesh, start, stop_after, *started)
     steps = (compiled, jax.jit(make_eval_step(graphdef)))
     _loop(cfg, workdir, loop, ckpt, steps, params, opt_state, train_iter, val_batches)
     return loop.result(data_lib.unigram_entropy(corpus.val))
@@ -129,11 +133,14 @@ def _train_on_mesh(cfg: Config, workdir: Path, mesh, stop_after, log, t_start) -
 
 def _loop(cfg, workdir, loop, ckpt, steps, params, opt_state, train_iter, val_batches) -> None:
     """Steps from loop's start to loop.last_step: log, validate and checkpoint as due."""
-    t, (train_step, eval_step) = cfg.train, steps
-    stop = StopRequest()  # SIGTERM / SIGINT: checkpoint this step, then exit cleanly
+    t, (train_step, eval_step), stop = cfg.train, steps, loop.stop
     logs = RunLogs(workdir, loop.start + 1) if jax.process_index() == 0 else None
     try:
         for step in range(loop.start + 1, loop.last_step + 1):
+            if stop.signal:  # it came before the first step (while compiling): nothing new
+                loop.progress.message(f"signal {stop.signal}: stopping before step {step}")
+                loop.last_step = step - 1
+                break
             ckpt.check_saved()  # a background save that failed stops the run now
             batch = sharding.put_batch(next(train_iter), loop.mesh)
             t0 = time.perf_counter()
@@ -157,7 +164,6 @@ def _loop(cfg, workdir, loop, ckpt, steps, params, opt_state, train_iter, val_ba
                 break
         ckpt.wait()
     finally:
-        stop.release()
         loop.progress.close()
         if logs is not None:
             logs.close()
@@ -185,11 +191,12 @@ def restore_newest(cfg: Config, ckpt: Checkpointer, params, opt_state, train_ite
 
 class StepLoop:
     """What the step loop keeps between steps: timings, the latest losses, the progress
-    line, and the step it will stop after."""
+    line, the step it will stop after, and the stop request (a signal) it polls."""
 
-    def __init__(self, cfg: Config, mesh, start: int, stop_after: int | None, t_start: float):
+    def __init__(self, cfg, mesh, start: int, stop_after: int | None, t_start: float, stop):
         t = cfg.train
         self.cfg, self.mesh, self.start, self.t_start = cfg, mesh, start, t_start
+        self.stop: StopRequest = stop
         self.tokens_per_step = t.batch_size * t.seq_len
         # MFU: model FLOPs (PaLM convention) against the devices' peak (measured on CPU).
         self.flops_per_step = flops.model_flops_per_token(cfg) * self.tokens_per_step
