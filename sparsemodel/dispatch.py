@@ -46,11 +46,18 @@ def layout_from_order(order_a, k: int) -> Layout:
 def rank_within_expert(flat_e, n_experts: int):
     """Position of each assignment among those of its expert, in token-major order.
 
-    flat_e [A] (n_experts = none). Returns rank [A] and counts [E+1]. A stable sort keeps
-    token-major order inside each expert, which is the capacity priority order.
+    flat_e [A] (n_experts = none). Returns rank [A] and counts [E+1]. Token-major order
+    inside each expert is the capacity priority order.
     """
     n = flat_e.shape[0]
-    order = jnp.argsort(flat_e, stable=True)
+    if n_experts <= 32 and n * (n_experts + 1) <= 2**24:
+        # A running count per expert instead of a sort: on XLA:CPU the sort and its scatter
+        # cost ~0.35 us an assignment, this ~5 ns an assignment and expert. The bound keeps
+        # the [A, E+1] counts under 64 MiB.
+        counts_ae = jnp.cumsum(flat_e[:, None] == jnp.arange(n_experts + 1), 0, jnp.int32)
+        rank = jnp.take_along_axis(counts_ae, flat_e[:, None], axis=1)[:, 0] - 1
+        return rank, counts_ae[-1]
+    order = jnp.argsort(flat_e, stable=True)  # stable: token-major inside each expert
     counts = jnp.bincount(flat_e, length=n_experts + 1)
     starts = jnp.cumsum(counts) - counts
     rank_sorted = jnp.arange(n) - starts[flat_e[order]]

@@ -309,6 +309,19 @@ def test_expert_capacity_formula():
     assert moe.expert_capacity(16, 2, 4, 2.0) == 16  # factor E/k: C = T
 
 
+@pytest.mark.parametrize("n_experts", [8, 40])  # the running count, and the sort beyond 32
+def test_rank_within_expert_matches_naive_loop(n_experts):
+    flat_e = np.random.default_rng(0).integers(0, n_experts + 1, 3000)  # E: padding
+    rank, counts = dispatch.rank_within_expert(jnp.asarray(flat_e, jnp.int32), n_experts)
+    seen = np.zeros(n_experts + 1, int)
+    want = []
+    for e in flat_e:  # token-major: each assignment's rank is how many of its expert came before
+        want.append(seen[e])
+        seen[e] += 1
+    np.testing.assert_array_equal(np.asarray(rank), want)
+    np.testing.assert_array_equal(np.asarray(counts), seen)
+
+
 def test_capacity_rows_by_hand():
     e_pad = 4  # E marks a padding token
     experts = jnp.array([[0, 1], [0, 2], [0, 1], [e_pad, e_pad], [1, 0]], jnp.int32)
