@@ -32,6 +32,7 @@ import io
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -407,16 +408,42 @@ def timing_key(overrides: dict) -> str:
 
 
 def load_step_times(paths: Paths) -> dict[str, dict]:
-    """The newest calibration record of each timing key (step_times.jsonl, appended)."""
+    """Each timing key's calibration: every round of every record at the commit of its
+    newest record, pooled (step_times.jsonl, appended). A burst of load on a shared machine
+    spoils a round or two, so the median over all of a commit's rounds is the robust figure,
+    and a rule fixed in advance picks it rather than a choice among records."""
     path = paths.results / "step_times.jsonl"
     if not path.exists():
         return {}
-    newest = {}
+    by_key: dict[str, list[dict]] = {}
     for line in path.read_text().splitlines():
         if line.strip():
             record = json.loads(line)
-            newest[record["key"]] = record
-    return newest
+            by_key.setdefault(record["key"], []).append(record)
+    return {key: pool_rounds(records) for key, records in by_key.items()}
+
+
+def pool_rounds(records: list[dict]) -> dict:
+    """The newest record, with step_s, twin_step_s and ratio over every round of every
+    record at its commit; a round's ratio is its own time over its twin's."""
+    newest = records[-1]
+    same = [r for r in records if r["commit"] == newest["commit"]]
+    own = [t for r in same for t in r["step_s"]["all"]]
+    twin = [t for r in same for t in r["twin_step_s"]["all"]]
+    ratios = [a / b for a, b in zip(own, twin, strict=True)]
+
+    def stats(xs: list[float]) -> dict:
+        return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "all": xs}
+
+    return {
+        **newest,
+        "step_s": stats(own),
+        "twin_step_s": stats(twin),
+        "ratio": statistics.median(ratios),
+        "ratio_range": [min(ratios), max(ratios)],
+        "rounds": len(ratios),
+        "utcs": [r["utc"] for r in same],
+    }
 
 
 def dense_overrides(d: int) -> dict:

@@ -138,6 +138,7 @@ class Arm:
     record: dict
     step_s: float  # calibrated, else the run's own median step
     calibrated: bool
+    ratio_range: tuple[float, float] | None = None  # calibration rounds' min, max vs twin
 
     @property
     def name(self) -> str:
@@ -159,15 +160,16 @@ class Arm:
         return [s * self.step_s for s in self.curve["step"]]
 
 
-def calibrated_step_s(record: dict, step_times: dict[str, dict]) -> tuple[float, bool]:
-    """(seconds per step, calibrated?): the run's ratio to its dense twin times the twin's
-    median, both measured alternating in one process; else the run's own median step."""
+def calibrated_step_s(record: dict, step_times: dict[str, dict]) -> tuple:
+    """(seconds per step, calibrated?, the rounds' ratio range): the run's ratio to its
+    dense twin times the twin's median, both measured alternating in one process; else the
+    run's own median step."""
     own = step_times.get(study.timing_key(record["overrides"]))
     batch = {k: record["overrides"][k] for k in ("train.batch_size", "train.seq_len")}
     twin = step_times.get(study.timing_key({**study.dense_overrides(record["size"]), **batch}))
     if own is not None and twin is not None:
-        return own["ratio"] * twin["step_s"]["median"], True
-    return record["median_step_s"], False
+        return own["ratio"] * twin["step_s"]["median"], True, tuple(own["ratio_range"])
+    return record["median_step_s"], False, None
 
 
 def reach(arm: Arm, dense: Arm) -> dict:
@@ -252,7 +254,7 @@ ARM_COLUMNS = (
     ("final_val_loss", "val loss", "{:.4f}"),
     ("vs_dense", "vs dense", "{:+.2%}"),
     ("step_fraction", "steps to dense's final", "{:.2f}"),
-    ("step_ratio", "s/step vs dense", "{:.2f}"),
+    ("step_ratio", "s/step vs dense [min, max]", "{}"),
     ("time_fraction", "seconds to dense's final", "{:.2f}"),
     ("gap_at_dense_time", "vs dense at dense's seconds", "{:+.2%}"),
     ("wall_min", "raw wall min", "{:.1f}"),
@@ -285,7 +287,9 @@ def row(arm: Arm, dense: Arm | None, label: str) -> dict:
     if dense is not None and arm.name != dense.name:
         r |= reach(arm, dense)
         r["vs_dense"] = gap(arm.final, dense.final)
-        r["step_ratio"] = arm.step_s / dense.step_s
+        r["step_ratio"] = f"{arm.step_s / dense.step_s:.2f}"
+        if arm.ratio_range is not None:
+            r["step_ratio"] += " [{:.2f}, {:.2f}]".format(*arm.ratio_range)
     return r
 
 
@@ -691,10 +695,18 @@ def report(paths: study.Paths, scale: float = 1.0) -> tuple[str, list[Path]]:
 def _provenance(res: Results) -> str:
     """Which code the runs and the step-time calibration ran at."""
     runs = sorted({r["commit"][:9] + "+" * r["dirty"] for r in res.done.values()})
-    calibrations = sorted({f"{r['commit'][:9]} ({r['utc'][:10]})" for r in res.step_times.values()})
+    days: dict[str, set[str]] = {}
+    for r in res.step_times.values():
+        days.setdefault(r["commit"][:9], set()).update(u[:10] for u in r["utcs"])
+    calibrations = [f"{c} ({', '.join(sorted(d))})" for c, d in sorted(days.items())]
+    # the dense twin's own record pools every shape's twin rounds; a shape's are its own
+    rounds = sorted(
+        {r["rounds"] for r in res.step_times.values() if r["step_s"] != r["twin_step_s"]}
+    )
     return (
         f"code {', '.join(runs) or '-'}; step times calibrated at "
         f"{', '.join(calibrations) or 'none: raw step times'}"
+        + (f", {rounds[0]}-{rounds[-1]} alternating rounds a shape" if rounds else "")
     )
 
 

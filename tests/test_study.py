@@ -273,12 +273,40 @@ def test_calibrated_step_time_is_the_ratio_times_the_twins_median():
     twin = {**study.dense_overrides(32), "train.batch_size": 32, "train.seq_len": 128}
     record = {"overrides": o, "size": 32, "median_step_s": 9.0}
     times = {
-        study.timing_key(o): {"ratio": 1.2, "step_s": {"median": 0.5}},
-        study.timing_key(twin): {"ratio": 1.0, "step_s": {"median": 0.4}},
+        study.timing_key(o): {"ratio": 1.2, "ratio_range": [1.1, 1.3], "step_s": {"median": 0.5}},
+        study.timing_key(twin): {"ratio": 1.0, "ratio_range": [1, 1], "step_s": {"median": 0.4}},
     }
-    assert study_report.calibrated_step_s(record, times) == (pytest.approx(0.48), True)
+    assert study_report.calibrated_step_s(record, times) == (pytest.approx(0.48), True, (1.1, 1.3))
     del times[study.timing_key(twin)]
-    assert study_report.calibrated_step_s(record, times) == (9.0, False)
+    assert study_report.calibrated_step_s(record, times) == (9.0, False, None)
+
+
+def test_calibration_pools_the_rounds_of_the_newest_commit(tmp_path):
+    """A shape's ratio is the median of its rounds' ratios over every record at the commit
+    of its newest record; records of older code are left out."""
+
+    def record(commit, own, twin):
+        return {
+            "key": "k",
+            "commit": commit,
+            "utc": f"2026-12-0{len(own)}T00:00:00Z",
+            "step_s": {"all": own},
+            "twin_step_s": {"all": twin},
+        }
+
+    paths = study.Paths.under(tmp_path)
+    paths.results.mkdir(parents=True)
+    lines = [
+        record("old", [9.0, 9.0, 9.0], [1.0, 1.0, 1.0]),
+        record("new", [1.2, 5.0, 1.1], [1.0, 1.0, 1.0]),  # a burst of load in round 2
+        record("new", [2.6, 2.4], [2.0, 2.0]),
+    ]
+    (paths.results / "step_times.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    pooled = study.load_step_times(paths)["k"]
+    assert pooled["rounds"] == 5 and pooled["ratio_range"] == [1.1, 5.0]
+    assert pooled["ratio"] == pytest.approx(1.2)  # of 1.2, 5.0, 1.1, 1.3, 1.2
+    assert pooled["step_s"]["median"] == pytest.approx(2.4)
+    assert pooled["utcs"] == ["2026-12-03T00:00:00Z", "2026-12-02T00:00:00Z"]
 
 
 def test_a_gap_inside_the_seed_spread_is_called_nothing():
