@@ -22,6 +22,10 @@ size_overrides and in each record's "configs".
   step_ms_d*               {moe, dense}: each train step (ms); report
   layer_ratio_d*           one FFN layer's fwd+bwd on 4,096 tokens, MoE / dense; <= 1.30
   layer_ms_d*              {moe, dense}: each layer (ms); report
+  layer_floor_d*           the MoE layer with its experts on static slices of balanced
+                           routing (the same router, dispatch and combine; no per-block
+                           copies or control flow), over the dense layer, in the same
+                           rounds: what a perfect expert kernel would leave; report
   step_efficiency_dense_d* the dense step's model FLOP/s over the model FLOP/s of a step
                            made of nothing but its matmuls, each shape at the rate XLA
                            achieves on it alone (bench_shapes.py; timed in turn with the
@@ -47,6 +51,7 @@ small vs small-dense, their own batch (16 x 128):
   moe_dense_step_ms        {moe, dense} (ms)
   moe_dense_layer_ratio    one FFN layer fwd+bwd, MoE / dense of equal active width; <= 1.30
   moe_dense_layer_ms       {moe, dense} (ms)
+  moe_dense_layer_floor    as layer_floor_d*, for small; report
   moe_layer_parts_ms       {router, layout, dispatch, experts, combine}: the MoE layer's
                            stages, each timed alone (ms); report
   expert_scaling_ratio     small's step with 32 / with 4 experts (same active parameters);
@@ -127,6 +132,7 @@ from sparsemodel.grouped_matmul import (
     swiglu_backward,
     swiglu_forward,
 )
+from sparsemodel.layers import swiglu
 from sparsemodel.moe import MoE
 from sparsemodel.profile import profile
 
@@ -223,36 +229,70 @@ def _donated_runner(step, state):
     return run
 
 
-def _layer_runner(cfg, tokens: int):
-    """fwd+bwd of one FFN layer (MoE or dense SwiGLU of width k * d_expert) on [T, D]."""
+def _layer_runner(cfg, tokens: int, floor: bool = False):
+    """fwd+bwd of one FFN layer on [T, D] (_layer_loss, or _layer_floor_loss if floor)."""
     x = jax.random.normal(jax.random.key(1), (tokens, cfg.model.d_model), jnp.float32)
-    if cfg.is_moe:
-        layer = MoE(cfg, rngs=nnx.Rngs(0))
-        w = layer.weights()
-
-        def loss(w, x):
-            from sparsemodel.moe import Collectives, moe_forward
-
-            mask = jnp.ones((tokens,), bool)
-            kern = kernels.choose(cfg)
-            out = moe_forward(cfg, kern, Collectives(), w, x, mask, seq_len=tokens)
-            return jnp.sum(out.y * out.y) + out.stats.lb_loss
-    else:
-        d, f = cfg.model.d_model, cfg.moe.top_k * cfg.moe.d_expert
-        k = jax.random.split(jax.random.key(2), 3)
-        w = {
-            "gate": 0.02 * jax.random.normal(k[0], (d, f)),
-            "up": 0.02 * jax.random.normal(k[1], (d, f)),
-            "down": 0.02 * jax.random.normal(k[2], (f, d)),
-        }
-
-        def loss(w, x):
-            from sparsemodel.layers import swiglu
-
-            y = swiglu(x, w["gate"], w["up"], w["down"])
-            return jnp.sum(y * y)
-
+    loss, w = (_layer_floor_loss if floor else _layer_loss)(cfg, tokens)
     return _runner(jax.jit(jax.grad(loss, argnums=(0, 1))), w, x)
+
+
+def _layer_loss(cfg, tokens: int):
+    """(loss(w, x), w): one FFN layer, MoE or dense SwiGLU of width k * d_expert, on [T, D]."""
+    if cfg.is_moe:
+        w = MoE(cfg, rngs=nnx.Rngs(0)).weights()
+        kern = kernels.choose(cfg)
+
+        def loss(w, x):
+            mask = jnp.ones((tokens,), bool)
+            out = moe.moe_forward(cfg, kern, moe.Collectives(), w, x, mask, seq_len=tokens)
+            return jnp.sum(out.y * out.y) + out.stats.lb_loss
+
+        return loss, w
+    d, f = cfg.model.d_model, cfg.moe.top_k * cfg.moe.d_expert
+    k = jax.random.split(jax.random.key(2), 3)
+    w = {
+        "gate": 0.02 * jax.random.normal(k[0], (d, f)),
+        "up": 0.02 * jax.random.normal(k[1], (d, f)),
+        "down": 0.02 * jax.random.normal(k[2], (f, d)),
+    }
+
+    def dense_loss(w, x):
+        y = swiglu(x, w["gate"], w["up"], w["down"])
+        return jnp.sum(y * y)
+
+    return dense_loss, w
+
+
+def _layer_floor_loss(cfg, tokens: int):
+    """(loss(w, x), w): the MoE layer with its experts on static slices of T * k / E rows
+    each, as if routing were exactly balanced: the same router, layout, dispatch and
+    combine, but no per-block slicing, row writes or control flow. What the layer would
+    cost with a perfect expert kernel. Its values are the MoE layer's when every expert
+    gets T * k / E rows, a multiple of the loop's smallest block; else only its time is
+    meaningful."""
+    e = cfg.moe
+    unit = smallest_block(e.block_size)
+    per_expert = tokens * e.top_k // e.num_experts
+    w = MoE(cfg, rngs=nnx.Rngs(0)).weights()
+
+    def loss(w, x):
+        mask = jnp.ones((tokens,), bool)
+        logits, probs = moe.route(cfg, w["router"], x)
+        r = moe.top_k_routing(probs, mask, e.top_k, e.renormalize)
+        rows = expert_rows(r.experts, e.num_experts, unit)
+        lay = dispatch.layout_from_rows(rows.rows, rows.block_expert.shape[0] * unit)
+        xr = dispatch.gather_rows(x, lay)  # [n_rows, D], n_rows >= T * k
+        ys = []  # E x [T * k / E, D]
+        for i in range(e.num_experts):
+            xb = xr[i * per_expert : (i + 1) * per_expert]
+            ys.append(swiglu_forward(xb, w["gate_up"][i], w["down"][i])[0])
+        pad = jnp.zeros((xr.shape[0] - tokens * e.top_k, xr.shape[1]), xr.dtype)
+        y = dispatch.combine(jnp.concatenate([*ys, pad]), r.weights, lay)  # [T, D]
+        load = jnp.zeros((e.num_experts + 1,), jnp.float32).at[r.experts].add(1.0)
+        served = moe.Served(y, load[: e.num_experts], jnp.float32(0), jnp.sum(mask))
+        return jnp.sum(y * y) + moe.router_stats(logits, probs, mask, served).lb_loss
+
+    return loss, w
 
 
 def _runner(fn, *args):
@@ -397,11 +437,20 @@ def _pair(rounds, ratio_name: str, ms_name: str, target: str, names=("moe", "den
     return figures, (ratio_name, shown, target)
 
 
-def _layer_pair(cfg, repeats: int):
-    """One FFN layer's fwd+bwd on cfg's tokens per step: MoE, and dense of equal width."""
-    dense = cfg.replace({"moe.num_experts": 0})
-    runners = {"moe": _layer_runner(cfg, _tokens(cfg)), "dense": _layer_runner(dense, _tokens(cfg))}
-    return alternate(runners, repeats)
+def _layer_figures(cfg, repeats: int, ratio_name: str, ms_name: str, floor_name: str):
+    """One FFN layer's fwd+bwd on cfg's tokens per step, MoE against dense of equal width,
+    with the MoE layer's floor (_layer_floor_loss) in the same rounds."""
+    tokens = _tokens(cfg)
+    runners = {
+        "moe": _layer_runner(cfg, tokens),
+        "dense": _layer_runner(cfg.replace({"moe.num_experts": 0}), tokens),
+        "floor": _layer_runner(cfg, tokens, floor=True),
+    }
+    rounds = alternate(runners, repeats)
+    figures, row = _pair(rounds, ratio_name, ms_name, "<= 1.30", digits=1)
+    figures[floor_name] = per_round(lambda r: r["floor"] / r["dense"], rounds)
+    floor = figures[floor_name]["median"]
+    return figures, [row, (floor_name, f"static balanced experts {floor:.2f}", "report")]
 
 
 # ------------------------------------------------------------------------- sections
@@ -429,12 +478,8 @@ def _size_figures(d_model: int, repeats: int):
         return per_round(lambda r: matmul_seconds(r, against) / r[name], rounds)
 
     figures, step_row = _pair(rounds, f"step_ratio{tag}", f"step_ms{tag}", "<= 1.20")
-    layer_figures, layer_row = _pair(
-        _layer_pair(cfgs["moe"], repeats),
-        f"layer_ratio{tag}",
-        f"layer_ms{tag}",
-        "<= 1.30",
-        digits=1,
+    layer_figures, layer_rows = _layer_figures(
+        cfgs["moe"], repeats, f"layer_ratio{tag}", f"layer_ms{tag}", f"layer_floor{tag}"
     )
     figures |= layer_figures
     figures[f"model_gflops{tag}"] = {
@@ -447,7 +492,7 @@ def _size_figures(d_model: int, repeats: int):
         for name in cfgs
     }
     model, mm = figures[f"model_gflops{tag}"], figures[f"matmul_gflops{tag}"]
-    rows = [step_row, layer_row]
+    rows = [step_row, *layer_rows]
     for suffix, name, against in (
         ("dense", "dense", "dense"),
         ("moe", "moe", "moe"),
@@ -517,19 +562,15 @@ def _small_pair(small: Config, dense: Config, repeats: int):
         {"moe": _train_step_runner(small), "dense": _train_step_runner(dense)}, repeats
     )
     figures, step_row = _pair(step_rounds, "moe_dense_step_ratio", "moe_dense_step_ms", "<= 1.20")
-    layer_figures, layer_row = _pair(
-        _layer_pair(small, repeats),
-        "moe_dense_layer_ratio",
-        "moe_dense_layer_ms",
-        "<= 1.30",
-        digits=1,
+    layer_figures, layer_rows = _layer_figures(
+        small, repeats, "moe_dense_layer_ratio", "moe_dense_layer_ms", "moe_dense_layer_floor"
     )
     figures |= layer_figures
     part_rounds = alternate(_layer_part_runners(small, _tokens(small)), repeats)
     parts = {name: ms(part_rounds, name) for name in part_rounds[0]}
     figures["moe_layer_parts_ms"] = parts
     shown = " ".join(f"{k} {v['median']:.1f}" for k, v in parts.items()) + " ms"
-    return figures, [step_row, layer_row, ("moe_layer_parts", shown, "report")]
+    return figures, [step_row, *layer_rows, ("moe_layer_parts", shown, "report")]
 
 
 def _expert_scaling(small: Config, repeats: int):
