@@ -61,7 +61,8 @@ FOCUS = 48  # the size of the experts, sharing and upcycle parts (64 would add ~
 EXPERTS = (4, 8, 16, 32)  # the E sweep besides dense; 64 does not fit 6 hours
 NOISE_SIZES = SIZES[-2:]
 UPCYCLE_DROP = 0.5  # drop-upcycling's re-initialised fraction (the paper's r = 0.5)
-PARTS = ("arms", "experts", "sharing", "upcycle", "noise")
+SHORT = 0.6  # the short part's budget, as a fraction of the dense twin's steps
+PARTS = ("arms", "experts", "sharing", "upcycle", "noise", "short")
 MOE_ARMS = ("moe8", "fine32", "moe8-free")  # the candidates for "the best MoE"
 # Minutes a run spends outside its steps: compilation, the CPU peak measurement, data.
 SETUP_MIN = 1.0
@@ -277,6 +278,13 @@ def registry(best_moe: dict[int, str] | None = None, scale: float = 1.0) -> dict
         arm = (best_moe or {}).get(d, "moe8")
         add(arm_run(d, "dense", seed=1, scale=scale), "noise")
         add(arm_run(d, arm, seed=1, scale=scale), "noise")
+    # The largest size's best MoE trained for 0.6 of dense's steps on its own warmup and
+    # cosine: whether it ends at dense's final loss, which steps-to-reach on the full
+    # schedule cannot tell (dense's last 40% of steps gain most from the learning rate's decay).
+    top = SIZES[-1]
+    arm = (best_moe or {}).get(top, "moe8")
+    add(arm_run(top, "dense", scale=scale), "short")
+    add(arm_run(top, f"{arm}-short", scale=SHORT * scale, ffn=arm), "short")
     return runs
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -319,6 +320,17 @@ def test_a_gap_inside_the_seed_spread_is_called_nothing():
     assert "buy 5.00% lower loss" in outside[0]
 
 
+def test_the_largest_sizes_targets_are_judged_on_the_mean_of_its_seeds():
+    steps = [100, 200]
+    dense, dense1 = (_arm("dense", steps, [2.5, x], step_s=1.0) for x in (2.0, 2.0))
+    moe, moe1 = (_arm("moe", steps, [2.5, x], step_s=1.0) for x in (1.95, 1.85))  # -2.5%, -7.5%
+    one = study_report.Size(72, {"dense": dense, "moe8": moe}, None)
+    two = study_report.Size(72, {"dense": dense, "moe8": moe}, 0.01, second=(dense1, moe1))
+    assert study_report.targets_section([one])[2].endswith("-2.50% (seed spread unmeasured) | no |")
+    line = study_report.targets_section([two])[2]
+    assert "seed 0 -2.50%, seed 1 -7.50%; mean -5.00% (seed spread 1.00%) | yes |" in line
+
+
 def test_the_readme_block_is_replaced_between_its_markers(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"head\n{study_report.BEGIN}\nold\n{study_report.END}\ntail\n")
@@ -393,7 +405,8 @@ def test_report_draws_every_plot_and_table_from_finished_runs(tmp_path):
     assert all(p.stat().st_size > 10_000 for p in written)  # a drawn PNG, not an empty one
     assert f"from {len(runs)} of {len(runs)} runs" in block
     assert "| gpu-moe8 | cpu |" in block
-    assert block.count("#### ") == 8 and "(fewer than" not in block
+    assert block.count("#### ") == 9 and "(fewer than" not in block
+    assert re.search(r"ends at or below dense's final \| d72-[a-z0-9-]+-short: -", block)
 
 
 @pytest.mark.slow
