@@ -49,9 +49,9 @@ def code_version() -> dict:
         out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
         return out.stdout.strip() if out.returncode == 0 else None
 
-    changed = git(
-        "status", "--porcelain", "--untracked-files=no", "--", "sparsemodel", "experiments"
-    )
+    # The report rewrites experiments/README.md and the plots: neither is code.
+    code = ["sparsemodel", "experiments", ":!experiments/README.md", ":!experiments/results"]
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", *code)
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed)}
 
 
