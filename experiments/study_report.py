@@ -15,7 +15,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -253,10 +253,8 @@ class Size:
 
 
 def sizes_of(res: Results) -> list[Size]:
-    sizes = [Size(d, res.arms_at(d), res.seed_spread(d)) for d in study.SIZES if res.arms_at(d)]
-    for s in sizes:
-        s.second = res.second_seed(s.d, s.best)
-    return sizes
+    sizes = (Size(d, res.arms_at(d), res.seed_spread(d)) for d in study.SIZES if res.arms_at(d))
+    return [replace(s, second=res.second_seed(s.d, s.best)) for s in sizes]
 
 
 # ------------------------------------------------------------------------ the tables
