@@ -3,6 +3,7 @@ measurement on CPU, for MFU) and the memory available to what a command is about
 
 from __future__ import annotations
 
+import functools
 import re
 import statistics
 import time
@@ -61,7 +62,12 @@ def peak_flops(kind: str, platform: str) -> tuple[float, str]:
     if found is not None:
         return found[0], f"table: {kind} dense bf16"
     if platform == "cpu":
-        return measured_matmul_flops(), "measured: float32 2048^3 matmul on this CPU"
+        # Fake CPU devices (xla_force_host_platform_device_count) share the host's cores.
+        shared_by = jax.local_device_count()
+        source = "measured: float32 2048^3 matmul on this CPU"
+        if shared_by > 1:
+            source += f", shared by its {shared_by} devices"
+        return measured_matmul_flops() / shared_by, source
     return float("nan"), f"unknown device kind {kind!r}"
 
 
@@ -71,8 +77,18 @@ def peak_flops_per_device() -> tuple[float, str]:
     return peak_flops(getattr(device, "device_kind", "") or "", device.platform)
 
 
+@functools.cache
 def measured_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large float32 matmul here: the practical peak of this CPU right now."""
+    """FLOP/s of a large float32 matmul on one device: the practical peak of this CPU
+    (measured once per process)."""
+    # On a one-device mesh: under the caller's mesh the matmul would run on all its devices
+    # at once (on fake CPU devices, 8 copies on the same cores).
+    one_device = jax.sharding.Mesh(jax.local_devices()[:1], ("one",))
+    with jax.set_mesh(one_device):
+        return _time_matmul(n, repeats)
+
+
+def _time_matmul(n: int, repeats: int) -> float:
     a = jnp.ones((n, n), jnp.float32)
     b = jnp.ones((n, n), jnp.float32)
     mm = jax.jit(lambda a, b: a @ b)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsemodel import config, evaluate, initialize, sharding, train
+from sparsemodel import config, evaluate, hardware, initialize, sharding, train
 
 TINY = {"train.steps": 5, "train.eval_every": 1000, "train.checkpoint_every": 1000}
 
@@ -106,6 +106,16 @@ def forward_on_mesh(overrides: dict, mesh: dict, batch: int = 4, seq: int = 12) 
     }
 
 
+def cpu_peak(mesh: dict) -> dict:
+    """The CPU's peak FLOP/s measured under a mesh context (as `train` measures it for MFU),
+    and once more on one device outside any mesh."""
+    mesh_ = sharding.make_mesh(config.load("tiny", mesh).mesh)
+    with jax.set_mesh(mesh_):
+        per_device, source = hardware.peak_flops_per_device()
+    alone = hardware.measured_matmul_flops.__wrapped__()
+    return {"per_device": per_device, "source": source, "alone": alone}
+
+
 def run_eval(workdir: str, step: int | None = None) -> dict:
     r = evaluate.restore(workdir, step)
     res = evaluate.evaluate(r, max_tokens=8192)
@@ -126,6 +136,7 @@ if __name__ == "__main__":
         "eval": run_eval,
         "decode": decode,
         "forward_on_mesh": forward_on_mesh,
+        "cpu_peak": cpu_peak,
     }
     result = commands[command](**args)
     print("RESULT " + json.dumps(result))

@@ -168,6 +168,15 @@ def test_full_qk_norm_under_tensor_sharding_matches_one_device():
     assert res["max_diff"] < 1e-4 * res["scale"], res
 
 
+def test_cpu_peak_is_one_devices_share_of_the_host_also_under_a_mesh():
+    """MFU's CPU peak: the host's matmul speed split among its fake devices. Measured under
+    an 8-device mesh it once ran 8 copies of the matmul at once: 8x slower, and low."""
+    res = worker("cpu_peak", 8, mesh={"mesh.data": 2, "mesh.expert": 4})
+    assert res["source"].endswith("shared by its 8 devices"), res
+    ratio = res["per_device"] * 8 / res["alone"]
+    assert 0.5 < ratio < 2, res  # the bug gave 0.13
+
+
 @pytest.mark.slow
 def test_checkpoint_reshards_to_other_meshes(tmp_path):
     """Written on (data=2, expert=4): evaluated on 1 device, resumed on (data=4, expert=2)
