@@ -67,9 +67,9 @@ def _quiet_absl():
 
 def _replica_parallel_for_large_arrays_only() -> None:
     """Orbax splits the write of a replicated array among its replicas, taking each slice
-    with its own compiled program: for small arrays the compiles cost seconds on a
-    checkpoint's first save (7 s of 8 for tiny on 8 CPU devices) and the split saves
-    nothing. Slices under 1 MiB are written whole by one replica."""
+    with its own compiled program: for small arrays those compiles are most of a
+    checkpoint's first save, and the split saves nothing. Slices under 1 MiB are written
+    whole by one replica."""
     from orbax.checkpoint._src.metadata import array_metadata_store
 
     handler = ocp.type_handlers.ArrayHandler(
