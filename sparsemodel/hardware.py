@@ -83,21 +83,16 @@ def measured_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
     (measured once per process)."""
     # On a one-device mesh: under the caller's mesh the matmul would run on all its devices
     # at once (on fake CPU devices, 8 copies on the same cores).
-    one_device = jax.sharding.Mesh(jax.local_devices()[:1], ("one",))
-    with jax.set_mesh(one_device):
-        return _time_matmul(n, repeats)
-
-
-def _time_matmul(n: int, repeats: int) -> float:
-    a = jnp.ones((n, n), jnp.float32)
-    b = jnp.ones((n, n), jnp.float32)
-    mm = jax.jit(lambda a, b: a @ b)
-    mm(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    with jax.set_mesh(jax.sharding.Mesh(jax.local_devices()[:1], ("one",))):
+        a = jnp.ones((n, n), jnp.float32)
+        b = jnp.ones((n, n), jnp.float32)
+        mm = jax.jit(lambda a, b: a @ b)
         mm(a, b).block_until_ready()
-        times.append(time.perf_counter() - t0)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            mm(a, b).block_until_ready()
+            times.append(time.perf_counter() - t0)
     return 2 * n**3 / statistics.median(times)
 
 
